@@ -1,0 +1,212 @@
+"""The module contract that every invertible primitive in autoflow follows."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .errors import NotBijectiveError, ShapeError
+
+__all__ = [
+    "State",
+    "Shape",
+    "InvertibleModule",
+    "Reconstruction",
+    "flatten_state",
+    "pack_like",
+    "state_shape",
+    "require_bijective",
+    "sum_logdets",
+]
+
+#: A flow state: one tensor, or a tuple of tensors of different shapes (pyramid levels).
+State = Tensor | tuple[Tensor, ...]
+#: The shape of a state without its batch dimension: ``(C, H, W)`` or a tuple of such shapes.
+Shape = tuple[int, ...] | tuple[tuple[int, ...], ...]
+
+
+def flatten_state(state: State) -> list[Tensor]:
+    """Return the tensors of a state as a list (one element for a plain tensor)."""
+    return [state] if isinstance(state, Tensor) else list(state)
+
+
+def pack_like(tensors: Sequence[Tensor], like: State) -> State:
+    """Inverse of :func:`flatten_state`: give ``tensors`` the structure of ``like``."""
+    return tensors[0] if isinstance(like, Tensor) else tuple(tensors)
+
+
+def sum_logdets(logdets: Sequence[Tensor | None]) -> Tensor | None:
+    """Sum per-sample log-dets; ``None`` if any term is ``None`` (no made-up totals)."""
+    if not logdets or any(term is None for term in logdets):
+        return None
+    total = logdets[0]
+    for term in logdets[1:]:
+        total = total + term
+    return total
+
+
+def structure_of(state: State) -> State:
+    """A tensor-free stand-in for ``state`` that :func:`pack_like` accepts as ``like``."""
+    return _TENSOR if isinstance(state, Tensor) else ()
+
+
+_TENSOR = torch.empty(0)
+
+
+def state_shape(state: State) -> Shape:
+    """The shape of a state without the batch dimension."""
+    if isinstance(state, Tensor):
+        return tuple(state.shape[1:])
+    return tuple(tuple(t.shape[1:]) for t in state)
+
+
+class Reconstruction(NamedTuple):
+    """What a module returns to the memory-saving engine when it rebuilds its local graph.
+
+    Attributes:
+        leaves: Tensors that require grad and from which ``output`` was recomputed; together
+            they hold the reconstructed input.
+        output: The module's output recomputed from ``leaves`` with a graph to them and to the
+            module's parameters (numerically equal to the output that was given).
+        logdet: The log-determinant recomputed with a graph, or ``None``.
+        input_from_leaves: Maps one tensor per leaf (values or gradients) to a state shaped like
+            the module's input; used for the reconstructed input and for its gradient.
+    """
+
+    leaves: list[Tensor]
+    output: State
+    logdet: Tensor | None
+    input_from_leaves: Callable[[Sequence[Tensor]], State]
+
+
+class InvertibleModule(nn.Module):
+    """Base class of every invertible module.
+
+    The contract, for a state ``x`` (a tensor of shape ``(B, ...)`` or a tuple of such tensors)::
+
+        y, logdet = module(x)              # logdet = log|det dy/dx|, shape (B,)
+        x, logdet_inv = module.inverse(y)  # logdet_inv = log|det dx/dy|
+
+    **Sign rule.** ``forward`` reports the log-determinant of the Jacobian of the map it applies,
+    and so does ``inverse``; for a bijection ``logdet_inv == -logdet`` (on the same point), so a
+    chain sums the log-dets of whatever direction it runs.
+
+    **Flags.** ``bijective`` is ``False`` for modules that are only left-invertible
+    (``inverse(forward(x)) == x`` but not every ``y`` has a preimage, e.g. the over-complete
+    Laplacian pyramid). Such a module returns ``None`` as its log-det unless it has a documented
+    volume factor of its own (the lifting convolution reports ``1/2 log det(W^T W)`` per pixel);
+    it never invents one, and :func:`require_bijective` refuses it wherever a log-likelihood is
+    asked for. ``volume_preserving`` is ``True`` when the log-det is exactly zero for every input.
+
+    **Shapes.** :meth:`output_shape` states the output shape for an input shape (both without
+    the batch dimension) and raises :class:`~autoflow.ShapeError` for an input the module cannot
+    take; :meth:`input_shape` is its counterpart for :meth:`inverse`. Containers use them to
+    check a chain before running it.
+
+    **Engine hook.** :meth:`reconstruct` lets the memory-saving engine rebuild the input and the
+    local graph from an output. The default inverts without a graph and runs ``forward`` again;
+    couplings override it to evaluate their conditioner only once.
+    """
+
+    bijective: bool = True
+    volume_preserving: bool = False
+
+    def forward(self, x: State) -> tuple[State, Tensor | None]:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} does not implement forward")
+
+    def inverse(self, y: State) -> tuple[State, Tensor | None]:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} does not implement inverse")
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        """Output shape (without batch) for ``input_shape``; identity unless overridden."""
+        return input_shape
+
+    def input_shape(self, output_shape: Shape) -> Shape:
+        """Input shape (without batch) giving ``output_shape``; identity unless overridden."""
+        return output_shape
+
+    def reconstruct(self, y: State) -> Reconstruction:
+        """Rebuild the input of ``forward`` from its output ``y`` and the local graph.
+
+        Called by the memory-saving engine with grad enabled; ``y`` carries no graph.
+        """
+        with torch.no_grad(), same_randomness(y):
+            x, _ = self.inverse(y)
+        return recompute(self.forward, x)
+
+    def reconstruct_inverse(self, x: State) -> Reconstruction:
+        """Rebuild the input of ``inverse`` from its output ``x`` and the local graph."""
+        with torch.no_grad(), same_randomness(x):
+            y, _ = self.forward(x)
+        return recompute(self.inverse, y)
+
+
+def same_randomness(state: State) -> contextlib.AbstractContextManager:
+    """Restore the random-number state on exit, so the next call draws the same numbers.
+
+    A reconstruction runs a conditioner twice (to invert, then to rebuild the graph); both runs
+    must see the dropout masks of the original forward pass.
+    """
+    device = flatten_state(state)[0].device
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def recompute(function: Callable[[State], tuple[State, Tensor | None]], x: State) -> Reconstruction:
+    """Run ``function`` again on leaves holding the values of ``x``, building a local graph."""
+    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in flatten_state(x)]
+    output, logdet = function(pack_like(leaves, x))
+    return Reconstruction(leaves, output, logdet, lambda tensors: pack_like(list(tensors), x))
+
+
+def require_bijective(module: nn.Module, purpose: str = "a log-likelihood") -> None:
+    """Raise :class:`~autoflow.NotBijectiveError` if ``module`` or any submodule is not bijective.
+
+    Args:
+        module: The module (often a container) to check.
+        purpose: What the caller wants to compute, for the error message.
+
+    Raises:
+        NotBijectiveError: Naming the first offending submodule.
+    """
+    for name, sub in module.named_modules():
+        if isinstance(sub, InvertibleModule) and not sub.bijective:
+            where = name or type(module).__name__
+            raise NotBijectiveError(
+                f"{purpose} needs a bijection, but '{where}' ({type(sub).__name__}) is only "
+                "left-invertible: its log-det is not a change of variables"
+            )
+
+
+def check_image(x: Tensor, channels: int | None, module: nn.Module, name: str = "input") -> None:
+    """Check that ``x`` is a ``(B, channels, H, W)`` tensor, naming ``module`` in the error."""
+    if not isinstance(x, Tensor):
+        raise ShapeError(
+            f"{type(module).__name__} expected a tensor {name}, received {type(x).__name__}"
+        )
+    if x.dim() != 4:
+        raise ShapeError(
+            f"{type(module).__name__} expected a 4-D {name} (B, C, H, W), "
+            f"received shape {tuple(x.shape)}"
+        )
+    if channels is not None and x.shape[1] != channels:
+        raise ShapeError(
+            f"{type(module).__name__} expected {channels} channels in its {name}, "
+            f"received {x.shape[1]} (shape {tuple(x.shape)})"
+        )
+
+
+def check_image_shape(shape: Shape, channels: int | None, module: nn.Module) -> tuple[int, ...]:
+    """Shape-level counterpart of :func:`check_image` for ``(C, H, W)`` shapes."""
+    if len(shape) != 3 or not all(isinstance(s, int) for s in shape):
+        raise ShapeError(
+            f"{type(module).__name__} expected a (C, H, W) shape, received {shape}"
+        )
+    if channels is not None and shape[0] != channels:
+        raise ShapeError(
+            f"{type(module).__name__} expected {channels} channels, received shape {shape}"
+        )
+    return tuple(shape)  # type: ignore[return-value]

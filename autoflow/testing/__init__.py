@@ -1,0 +1,17 @@
+"""A public property-based test kit: check your own invertible modules like autoflow does."""
+
+from . import strategies
+from .checks import (
+    assert_invertible,
+    assert_logdet_matches_jacobian,
+    default_rtol,
+    relative_error,
+)
+
+__all__ = [
+    "assert_invertible",
+    "assert_logdet_matches_jacobian",
+    "default_rtol",
+    "relative_error",
+    "strategies",
+]

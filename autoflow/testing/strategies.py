@@ -1,0 +1,98 @@
+"""Hypothesis strategies for the shapes, dtypes and states that invertible modules take.
+
+Example:
+    >>> from hypothesis import given, settings
+    >>> from autoflow.testing import strategies as afs
+    >>> @settings(max_examples=5)
+    ... @given(afs.states(channels=4))
+    ... def test_shape(x):
+    ...     assert x.shape[1] == 4
+    >>> test_shape()
+"""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+from torch import Tensor
+
+__all__ = ["batch_sizes", "dtypes", "image_shapes", "states", "pyramid_states", "tensor_of"]
+
+
+def batch_sizes(min_size: int = 1, max_size: int = 3) -> st.SearchStrategy[int]:
+    """Batch sizes between ``min_size`` and ``max_size``."""
+    return st.integers(min_size, max_size)
+
+
+def dtypes(*choices: torch.dtype) -> st.SearchStrategy[torch.dtype]:
+    """Floating dtypes; float32 and float64 unless ``choices`` are given."""
+    return st.sampled_from(choices or (torch.float32, torch.float64))
+
+
+def _ints(value: int | st.SearchStrategy[int]) -> st.SearchStrategy[int]:
+    return value if isinstance(value, st.SearchStrategy) else st.just(value)
+
+
+def image_shapes(
+    channels: int | st.SearchStrategy[int] = st.integers(1, 4),
+    *,
+    min_size: int = 1,
+    max_size: int = 6,
+    multiple_of: int = 1,
+) -> st.SearchStrategy[tuple[int, int, int]]:
+    """``(C, H, W)`` shapes with ``H`` and ``W`` multiples of ``multiple_of`` in the size range."""
+    lo = max(1, -(-min_size // multiple_of))
+    hi = max(lo, max_size // multiple_of)
+    side = st.integers(lo, hi).map(lambda k: k * multiple_of)
+    return st.tuples(_ints(channels), side, side)
+
+
+def tensor_of(shape: tuple[int, ...], dtype: torch.dtype, seed: int, scale: float = 1.0) -> Tensor:
+    """A reproducible standard-normal tensor of ``shape`` scaled by ``scale``."""
+    generator = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+
+
+@st.composite
+def states(
+    draw: st.DrawFn,
+    channels: int | st.SearchStrategy[int] = st.integers(1, 4),
+    *,
+    min_size: int = 1,
+    max_size: int = 6,
+    multiple_of: int = 1,
+    batch: st.SearchStrategy[int] | None = None,
+    dtype: st.SearchStrategy[torch.dtype] | None = None,
+) -> Tensor:
+    """Random ``(B, C, H, W)`` tensors with drawn shape, batch size and dtype."""
+    shape = draw(image_shapes(channels, min_size=min_size, max_size=max_size,
+                              multiple_of=multiple_of))
+    b = draw(batch or batch_sizes())
+    kind = draw(dtype or dtypes())
+    return tensor_of((b, *shape), kind, draw(st.integers(0, 2**31 - 1)))
+
+
+@st.composite
+def pyramid_states(
+    draw: st.DrawFn,
+    channels: int | st.SearchStrategy[int] = st.integers(1, 3),
+    *,
+    levels: int | st.SearchStrategy[int] = st.integers(2, 3),
+    max_top_size: int = 2,
+    batch: st.SearchStrategy[int] | None = None,
+    dtype: st.SearchStrategy[torch.dtype] | None = None,
+) -> tuple[Tensor, ...]:
+    """Tuples of pyramid levels: level ``d`` has shape ``(B, C, h * 2^(L-1-d), w * 2^(L-1-d))``.
+
+    The coarsest level has side lengths between 1 and ``max_top_size``.
+    """
+    n_levels = draw(_ints(levels))
+    c = draw(_ints(channels))
+    h, w = draw(st.integers(1, max_top_size)), draw(st.integers(1, max_top_size))
+    b = draw(batch or batch_sizes())
+    kind = draw(dtype or dtypes())
+    seed = draw(st.integers(0, 2**31 - 1))
+    return tuple(
+        tensor_of((b, c, h * 2 ** (n_levels - 1 - d), w * 2 ** (n_levels - 1 - d)), kind, seed + d)
+        for d in range(n_levels)
+    )

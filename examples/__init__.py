@@ -1,0 +1,1 @@
+"""Worked examples built on autoflow; each subpackage is one paper or application."""
