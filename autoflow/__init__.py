@@ -2,6 +2,7 @@
 
 from .base import InvertibleModule, Reconstruction, State, require_bijective
 from .errors import AutoflowError, EngineError, NotBijectiveError, ShapeError
+from .sequential import Sequential
 
 __version__ = "0.1.0"
 
@@ -11,6 +12,7 @@ __all__ = [
     "InvertibleModule",
     "NotBijectiveError",
     "Reconstruction",
+    "Sequential",
     "ShapeError",
     "State",
     "require_bijective",

@@ -2,6 +2,7 @@
 
 from . import strategies
 from .checks import (
+    assert_engine_gradients_match,
     assert_invertible,
     assert_logdet_matches_jacobian,
     default_rtol,
@@ -9,6 +10,7 @@ from .checks import (
 )
 
 __all__ = [
+    "assert_engine_gradients_match",
     "assert_invertible",
     "assert_logdet_matches_jacobian",
     "default_rtol",

@@ -1,0 +1,190 @@
+"""The memory-saving engine reproduces plain autograd, updates state once and saves memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from toys import Flip, LevelMix, NoInverse, ShapeChanger, ToyCoupling, perturb
+from torch import nn
+
+from autoflow import EngineError, Sequential
+from autoflow.testing import assert_engine_gradients_match, relative_error
+from autoflow.testing import strategies as afs
+
+
+def toy_chain(depth: int, channels: int, **conditioner) -> Sequential:
+    modules = []
+    for _ in range(depth):
+        modules += [ToyCoupling(channels, **conditioner), Flip()]
+    return perturb(Sequential(*modules))
+
+
+@settings(max_examples=15, deadline=None)
+@given(depth=st.integers(1, 5), x=afs.states(st.integers(2, 4), max_size=5),
+       inverse=st.booleans())
+def test_engine_matches_autograd_over_depths_and_shapes(depth, x, inverse):
+    chain = toy_chain(depth, x.shape[1]).to(x.dtype)
+    assert_engine_gradients_match(chain, x, inverse=inverse)
+
+
+@pytest.mark.parametrize("conditioner", [
+    {"dropout": 0.5}, {"skip": True}, {"batch_norm": True},
+    {"dropout": 0.3, "batch_norm": True, "skip": True},
+])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_engine_replays_randomness_and_updates_state_once(conditioner, inverse):
+    chain = toy_chain(3, 4, **conditioner).double().train()
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    # Compares outputs, log-dets, input and parameter gradients and every buffer afterwards.
+    assert_engine_gradients_match(chain, x, inverse=inverse)
+
+
+def test_the_kit_detects_a_wrong_gradient():
+    class Leaky(ToyCoupling):
+        def reconstruct(self, y):  # a deliberately broken reconstruction
+            rec = super().reconstruct(y)
+            return rec._replace(output=rec.output * 1.001)
+
+    chain = perturb(Sequential(Leaky(4), Flip())).double()
+    with pytest.raises(AssertionError, match="differs from plain autograd"):
+        assert_engine_gradients_match(chain, torch.randn(2, 4, 3, 3, dtype=torch.float64))
+
+
+@settings(max_examples=10, deadline=None)
+@given(levels=afs.pyramid_states(st.integers(1, 3), levels=2, max_top_size=3),
+       depth=st.integers(1, 4))
+def test_engine_handles_tuple_states(levels, depth):
+    chain = perturb(Sequential(*[LevelMix(levels[0].shape[1]) for _ in range(depth)]))
+    assert_engine_gradients_match(chain.to(levels[0].dtype), levels)
+
+
+def test_engine_float32_tolerance():
+    chain = toy_chain(4, 4)
+    assert_engine_gradients_match(chain, torch.randn(2, 4, 6, 6))
+
+
+def test_no_grad_inference_builds_no_graph_and_matches():
+    chain = toy_chain(3, 4).double()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    expected, _ = chain(x)
+    chain.memory_saving = True
+    with torch.no_grad():
+        y, logdet = chain(x)
+    assert y.grad_fn is None and logdet.grad_fn is None
+    assert relative_error(y, expected.detach()) == 0.0
+
+
+def test_frozen_and_late_parameters_are_resolved_at_call_time():
+    chain = toy_chain(2, 4).double()
+    chain.memory_saving = True
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    frozen = chain[0].net[0].weight
+    frozen.requires_grad_(False)
+    chain.append(perturb(ToyCoupling(4), seed=3).double())  # added after construction
+    y, logdet = chain(x)
+    (y.square().sum() + logdet.sum()).backward()
+    assert frozen.grad is None
+    assert chain[-1].net[0].weight.grad is not None
+    assert_engine_gradients_match(chain, x)
+
+
+def test_plain_module_in_the_chain_stays_on_autograd():
+    encoder = nn.Conv2d(3, 4, 3, padding=1).double()
+    chain = Sequential(encoder, *toy_chain(3, 4)).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    assert not chain.bijective
+    assert_engine_gradients_match(chain, x)
+
+
+def test_anchors_and_debug_report_reconstruction_error():
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    anchored = toy_chain(4, 4).double()
+    anchored.engine_options.anchor_every = 3
+    assert_engine_gradients_match(anchored, x)
+    chain = toy_chain(4, 4).double()
+    chain.memory_saving = True
+    chain.engine_options.debug = True
+    y, logdet = chain(x)
+    (y.sum() + logdet.sum()).backward()
+    assert set(chain.reconstruction_errors) == {str(i) for i in range(8)}
+    assert max(chain.reconstruction_errors.values()) < 1e-12
+
+
+def test_caller_input_stays_valid():
+    chain = toy_chain(3, 4).double()
+    chain.memory_saving = True
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    before = x.detach().clone()
+    y, _ = chain(x)
+    y.sum().backward()
+    assert torch.equal(x.detach(), before) and x.grad is not None
+
+
+def test_backward_twice_is_a_clear_error_unless_retained():
+    chain = toy_chain(2, 4).double()
+    chain.memory_saving = True
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    y, _ = chain(x)
+    y.sum().backward(retain_graph=True)
+    y.sum().backward()
+    with pytest.raises(EngineError, match="backward ran twice"):
+        y.sum().backward()
+
+
+def test_module_without_inverse_is_rejected_at_construction():
+    with pytest.raises(EngineError, match="'0' \\(NoInverse\\) does not"):
+        Sequential(NoInverse(), memory_saving=True)
+
+
+def test_inverse_that_changes_shape_is_reported():
+    chain = Sequential(ShapeChanger(), memory_saving=True).double()
+    y, _ = chain(torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True))
+    with pytest.raises(EngineError, match="reconstructed an input of shape"):
+        y.sum().backward()
+
+
+def test_bad_anchor_option():
+    with pytest.raises(EngineError, match="anchor_every must be a positive int"):
+        Sequential(Flip(), memory_saving=True, anchor_every=0)
+
+
+def test_works_with_autograd_grad_and_autocast():
+    chain = toy_chain(3, 4)
+    x = torch.randn(2, 4, 6, 6)
+    grads = []
+    for saving in (False, True):
+        chain.memory_saving = saving
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, logdet = chain(x.requires_grad_())
+            loss = y.float().square().mean() + logdet.float().mean()
+        grads.append(torch.autograd.grad(loss, [x, *chain.parameters()]))
+    for a, b in zip(*grads):
+        # bfloat16 keeps 8 bits of mantissa: agreement to a few percent is what it allows.
+        assert relative_error(b, a) < 5e-2
+
+
+def saved_bytes(chain: Sequential, x: torch.Tensor) -> int:
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        chain(x)
+    return total
+
+
+def test_memory_saving_keeps_no_intermediates():
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    plain = [saved_bytes(toy_chain(d, 4), x) for d in (1, 8)]
+    saving = []
+    for d in (1, 8):
+        chain = toy_chain(d, 4)
+        chain.memory_saving = True
+        saving.append(saved_bytes(chain, x))
+    assert plain[1] > 6 * plain[0]
+    assert saving[1] == saving[0] <= x.numel() * x.element_size()
