@@ -1,1 +1,1 @@
-"""PyramidFlow (CVPR 2023): fully normalizing-flow defect localization without pre-trained models."""
+"""PyramidFlow (CVPR 2023): normalizing-flow defect localization without pre-trained models."""

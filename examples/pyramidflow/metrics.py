@@ -86,7 +86,8 @@ def aupro(maps: ArrayLike, masks: ArrayLike, fpr_limit: float = 0.3) -> float:
     divided by ``fpr_limit``, so a perfect map scores 1.
 
     ``fpr_limit=0.3`` is the MVTec AD definition. ``fpr_limit=1.0`` integrates the
-    full range, which is what the PyramidFlow reference code reports; it is not
+    full range, which is what the PyramidFlow reference code computes (its
+    ``compute_pro_score_fast``, on 200 evenly spaced thresholds); it is not
     comparable to the standard number: the curve's area is dominated by thresholds
     that flag more than 30% of the normal pixels, which no one would deploy, and
     since PRO never decreases as the FPR grows, the full-range score is never
@@ -138,20 +139,27 @@ def aupro(maps: ArrayLike, masks: ArrayLike, fpr_limit: float = 0.3) -> float:
 
     order = np.argsort(maps.ravel(), kind="stable")[::-1]
     starts = _tie_block_starts(maps.ravel()[order])
-    pro = np.cumsum(np.add.reduceat(pro_weight.ravel()[order], starts)) / n_regions
+    pro = np.cumsum(np.add.reduceat(pro_weight.ravel()[order], starts))
+    # The lowest threshold detects every pixel, so the PRO ends at exactly 1;
+    # dividing by the summed value rather than n_regions cancels rounding there.
+    pro /= pro[-1]
+    # The FPR axis is kept in units of normal pixels: the steps are then exact
+    # integers, and a perfect map scores exactly 1.
     normal_seen = np.cumsum(np.add.reduceat((~masks.ravel()[order]).astype(np.int64), starts))
-    fpr = normal_seen / n_normal
-    return _normalised_area(np.concatenate([[0.0], fpr]), np.concatenate([[0.0], pro]), fpr_limit)
+    return _normalised_area(
+        np.concatenate([[0.0], normal_seen]), np.concatenate([[0.0], pro]), fpr_limit * n_normal
+    )
 
 
-def _normalised_area(fpr: NDArray[np.float64], pro: NDArray[np.float64], limit: float) -> float:
+def _normalised_area(x: NDArray[np.float64], y: NDArray[np.float64], limit: float) -> float:
     """Trapezoidal area under a piecewise-linear curve on [0, limit], divided by limit."""
-    inside = int(np.searchsorted(fpr, limit, side="right"))  # fpr is non-decreasing
-    x, y = fpr[:inside], pro[:inside]
-    if inside < fpr.size and x[-1] < limit:
-        t = (limit - fpr[inside - 1]) / (fpr[inside] - fpr[inside - 1])
-        x = np.append(x, limit)
-        y = np.append(y, pro[inside - 1] + t * (pro[inside] - pro[inside - 1]))
+    inside = int(np.searchsorted(x, limit, side="right"))  # x is non-decreasing
+    if inside < x.size and x[inside - 1] < limit:
+        t = (limit - x[inside - 1]) / (x[inside] - x[inside - 1])
+        y = np.append(y[:inside], y[inside - 1] + t * (y[inside] - y[inside - 1]))
+        x = np.append(x[:inside], limit)
+    else:
+        x, y = x[:inside], y[:inside]
     area = float(np.sum(np.diff(x) * (y[1:] + y[:-1])) / 2.0)
     # Rounding in the cumulative sums can overshoot 1 by a few ulps.
     return min(max(area / limit, 0.0), 1.0)
@@ -164,7 +172,7 @@ def _auroc(scores: NDArray, positive: NDArray[np.bool_], what: str) -> float:
     if n_pos == 0 or n_neg == 0:
         raise ValueError(
             f"AUROC needs both normal and defective {what}, got {n_neg} normal and "
-            f"{n_pos} defective"
+            f"{n_pos} defective {what}"
         )
     order = np.argsort(scores, kind="stable")
     starts = _tie_block_starts(scores[order])
@@ -195,9 +203,10 @@ def _validate_maps_and_masks(
 def _as_scores(values: ArrayLike, name: str, ndim: int, layout: str) -> NDArray:
     """Return ``values`` as a non-empty real array of rank ``ndim`` without NaN."""
     array = np.asarray(values)
-    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(
-        array
-    ):
+    is_real = array.dtype == np.bool_ or (
+        np.issubdtype(array.dtype, np.number) and not np.iscomplexobj(array)
+    )
+    if not is_real:
         raise TypeError(f"{name} must be a real numeric array, got dtype {array.dtype}")
     if array.ndim != ndim or array.size == 0:
         raise ValueError(f"{name} must be a non-empty array of shape {layout}, got {array.shape}")

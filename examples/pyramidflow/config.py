@@ -1,0 +1,141 @@
+"""Configuration of a PyramidFlow run: model, loss, localisation and training settings."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["PyramidFlowConfig", "MVTEC_TEXTURES", "mvtec_defaults"]
+
+MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
+
+_CHOICES = {
+    "volume_norm": ("channel", "spatial", "none"),
+    "front": ("lifting", "resnet18"),
+    "pyramid": ("gaussian", "maxpool"),
+    "loss": ("fourier", "spatial"),
+    "template": ("mean", "zero"),
+    "localization": ("difference", "compose"),
+}
+
+
+@dataclass
+class PyramidFlowConfig:
+    """Every setting of a run; the defaults follow the paper and its public training recipe.
+
+    Attributes:
+        channels: Feature channels ``C`` after the lifting convolution (64 with ``resnet18``).
+        levels: Pyramid levels ``L``.
+        depth: Stacks ``D`` of pyramid couplings (Fig. 3e).
+        kernel_size: Kernel of the conditioner convolutions.
+        volume_norm: ``"channel"`` (CVN), ``"spatial"`` (SVN) or ``"none"``.
+        front: ``"lifting"`` (the fully normalizing flow: a 3 -> C lifting 1×1 convolution) or
+            ``"resnet18"`` (a frozen ResNet-18 stem at 1/4 resolution, 64 channels).
+        resnet_weights: Local file with torchvision-format ResNet-18 weights (``resnet18`` only).
+        pyramid: Down/up operators of the Laplacian pyramid: ``"gaussian"`` or ``"maxpool"``.
+        image_size: Images are resized to ``image_size × image_size``; must be divisible by
+            ``2^(levels - 1)`` (times 4 with ``resnet18``).
+        loss: ``"fourier"`` (eq. 9, mean ``|FFT2|`` of the composed differences) or
+            ``"spatial"`` (their plain mean; ablation IV).
+        template: ``"mean"`` (mean training latent) or ``"zero"`` (ablation II).
+        localization: ``"difference"`` (eq. 10: per-level differences, then composition) or
+            ``"compose"`` (compose first, then difference; ablation III).
+        memory_saving: Train with the memory-saving engine.
+        epochs: Training epochs (fixed: no model selection on test data).
+        batch_size: Images per step; the loss uses all pairs within a batch (at least 2).
+        learning_rate, betas, eps, weight_decay: Adam settings.
+        grad_clip: Gradient-norm clip.
+        augment: Random flips and 90° rotations (texture categories only).
+        holdout: Fraction of the normal training images held out to set decision thresholds.
+        image_quantile: Quantile of held-out image scores used as the image threshold.
+        pixel_quantile: Quantile of held-out pixel scores used as the pixel threshold.
+        seed: Seed of every random choice of the run.
+    """
+
+    channels: int = 16
+    levels: int = 4
+    depth: int = 4
+    kernel_size: int = 7
+    volume_norm: str = "channel"
+    front: str = "lifting"
+    resnet_weights: str | None = None
+    pyramid: str = "gaussian"
+    image_size: int = 256
+    loss: str = "fourier"
+    template: str = "mean"
+    localization: str = "difference"
+    memory_saving: bool = True
+    epochs: int = 15
+    batch_size: int = 2
+    learning_rate: float = 2e-4
+    betas: tuple[float, float] = field(default=(0.5, 0.9))
+    eps: float = 1e-4
+    weight_decay: float = 1e-5
+    grad_clip: float = 1.0
+    augment: bool = False
+    holdout: float = 0.1
+    image_quantile: float = 0.99
+    pixel_quantile: float = 0.999
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, allowed in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"config.{name} must be one of {allowed}, received {value!r}")
+        for name in ("channels", "levels", "depth", "kernel_size", "image_size", "epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"config.{name} must be a positive int, received {value!r}")
+        if self.levels < 2:
+            raise ValueError(f"config.levels must be at least 2 for pyramid couplings, "
+                             f"received {self.levels}")
+        if self.batch_size < 2:
+            raise ValueError("config.batch_size must be at least 2 (the loss compares pairs), "
+                             f"received {self.batch_size}")
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"config.kernel_size must be odd, received {self.kernel_size}")
+        divisor = 2 ** (self.levels - 1) * (4 if self.front == "resnet18" else 1)
+        if self.image_size % divisor:
+            raise ValueError(
+                f"config.image_size must be divisible by {divisor} for {self.levels} levels "
+                f"with the {self.front} front, received {self.image_size}"
+            )
+        if self.front == "resnet18":
+            self.channels = 64
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"config.holdout must be in [0, 1), received {self.holdout}")
+        self.betas = tuple(self.betas)  # JSON round trips give lists
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain JSON-compatible values."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PyramidFlowConfig:
+        """Build a config from :meth:`to_dict` output, rejecting unknown keys by name."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
+        return cls(**values)
+
+
+def mvtec_defaults(category: str) -> dict[str, Any]:
+    """Per-category MVTec AD settings of the paper's public recipe.
+
+    SVN for carpet, grid, bottle and transistor, CVN otherwise; 8 levels for metal_nut, carpet
+    and transistor, 2 for screw, 4 otherwise; augmentation for texture categories only.
+
+    Example:
+        >>> mvtec_defaults("carpet")
+        {'volume_norm': 'spatial', 'levels': 8, 'augment': True}
+    """
+    return {
+        "volume_norm": "spatial" if category in ("carpet", "grid", "bottle", "transistor")
+        else "channel",
+        "levels": 8 if category in ("metal_nut", "carpet", "transistor")
+        else 2 if category == "screw" else 4,
+        "augment": category in MVTEC_TEXTURES,
+    }
