@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import InvertibleModule, Shape, check_image, check_image_shape
-from .errors import AutoflowError, ShapeError
+from .errors import AutoflowError
 
 __all__ = ["InvConv1x1", "LiftingConv1x1"]
 

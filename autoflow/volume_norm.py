@@ -33,8 +33,9 @@ class VolumeNorm(nn.Module):
     """Subtract the mean of a log-scale so an affine map preserves volume on average.
 
     The running mean is a buffer ``running_mean`` created lazily (zeros) on first use with the
-    shape the mode needs; until then it is an empty tensor. Loading a state dict resizes it to
-    the stored shape.
+    shape the mode needs; until then it is an empty tensor. Like any buffer it keeps the
+    module's dtype (set it with ``.to(dtype)``). Loading a state dict resizes it to the stored
+    shape.
 
     Args:
         mode: ``"channel"`` (CVN, mean over batch and channels) or ``"spatial"`` (SVN, mean over
@@ -105,9 +106,10 @@ class VolumeNorm(nn.Module):
         check_image(log_scale, None, self, name="log_scale")
         shape = self._stat_shape(log_scale)
         if self.running_mean.numel() == 0:
-            self.running_mean = torch.zeros(
-                shape, dtype=log_scale.dtype, device=log_scale.device
-            )
+            # The empty placeholder follows module.to(), so the buffer keeps the module's dtype
+            # and device like any other buffer.
+            placeholder = self.running_mean
+            self.running_mean = placeholder.new_zeros(shape)
         if self.training:
             mean = log_scale.mean(dim=_DIMS[self.mode], keepdim=True)
             if update:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from toys import Flip, LevelMix, NoInverse, ShapeChanger, ToyCoupling, perturb
 from torch import nn
+from toys import Flip, LevelMix, NoInverse, ShapeChanger, ToyCoupling, perturb
 
 from autoflow import EngineError, Sequential
 from autoflow.testing import assert_engine_gradients_match, relative_error

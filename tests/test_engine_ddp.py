@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from toys import Flip, ToyCoupling, perturb
 from torch.nn.parallel import DistributedDataParallel
+from toys import Flip, ToyCoupling, perturb
 
 from autoflow import Sequential
 

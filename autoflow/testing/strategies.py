@@ -67,8 +67,8 @@ def states(
     """Random ``(B, C, H, W)`` tensors with drawn shape, batch size and dtype."""
     shape = draw(image_shapes(channels, min_size=min_size, max_size=max_size,
                               multiple_of=multiple_of))
-    b = draw(batch or batch_sizes())
-    kind = draw(dtype or dtypes())
+    b = draw(batch if batch is not None else batch_sizes())
+    kind = draw(dtype if dtype is not None else dtypes())
     return tensor_of((b, *shape), kind, draw(st.integers(0, 2**31 - 1)))
 
 
@@ -89,8 +89,8 @@ def pyramid_states(
     n_levels = draw(_ints(levels))
     c = draw(_ints(channels))
     h, w = draw(st.integers(1, max_top_size)), draw(st.integers(1, max_top_size))
-    b = draw(batch or batch_sizes())
-    kind = draw(dtype or dtypes())
+    b = draw(batch if batch is not None else batch_sizes())
+    kind = draw(dtype if dtype is not None else dtypes())
     seed = draw(st.integers(0, 2**31 - 1))
     return tuple(
         tensor_of((b, c, h * 2 ** (n_levels - 1 - d), w * 2 ** (n_levels - 1 - d)), kind, seed + d)

@@ -97,7 +97,7 @@ class PyramidFlow(nn.Module):
         return composed
 
     def loss(self, latents: tuple[Tensor, ...]) -> Tensor:
-        """Eq. 9 over all pairs ``i < j`` of the batch: ``mean |FFT2(L_com({(z_d(i) - z_d(j))^2}))|``.
+        """Eq. 9 over all pairs ``i < j``: ``mean |FFT2(L_com({(z_d(i) - z_d(j))^2}))|``.
 
         With ``config.loss == "spatial"`` the composed differences are averaged directly.
         """

@@ -1,0 +1,133 @@
+"""Activation normalisation (Glow): a per-channel affine map with data-dependent init.
+
+.. math::
+
+    y = (x + b) \\odot e^{\\ell}, \\qquad \\log|\\det J| = H W \\textstyle\\sum_c \\ell_c,
+
+with ``b`` and ``ell`` of shape ``(1, C, 1, 1)``, input and output ``(B, C, H, W)``. On the first
+forward call in training mode, ``b = -mean(x)`` and ``ell = -log(std(x) + eps)`` per channel
+(over batch and space), so that first batch comes out with zero mean and unit standard
+deviation; a boolean buffer ``initialized`` records this so it survives ``state_dict`` and is
+never redone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import InvertibleModule, Shape, check_image, check_image_shape
+from .errors import AutoflowError
+
+__all__ = ["ActNorm"]
+
+
+def _check_dtype(x: Tensor, reference: Tensor, name: str) -> None:
+    # Mixing dtypes would silently promote; the module's dtype is the one the user chose.
+    if x.dtype != reference.dtype:
+        raise AutoflowError(
+            f"ActNorm expected a {reference.dtype} {name} (its parameters' dtype), received "
+            f"{x.dtype}; convert the module with .to({x.dtype}) or the input"
+        )
+
+
+class ActNorm(InvertibleModule):
+    """Per-channel affine normalisation ``y = (x + b) * exp(log_scale)``.
+
+    The inverse never initialises: before the first training forward it uses the current
+    parameters (the identity map).
+
+    Args:
+        channels: Number of channels ``C``.
+        eps: Added to the standard deviation at initialisation, so a constant channel gets a
+            large but finite scale.
+
+    Raises:
+        AutoflowError: If ``channels`` is not a positive int or ``eps`` is not positive.
+
+    Example:
+        >>> norm = ActNorm(3)
+        >>> x = 5 + 2 * torch.randn(4, 3, 8, 8)
+        >>> y, logdet = norm(x)
+        >>> bool(y.mean().abs() < 1e-5), bool(norm.initialized), tuple(logdet.shape)
+        (True, True, (4,))
+    """
+
+    initialized: Tensor
+
+    def __init__(self, channels: int, *, eps: float = 1e-6) -> None:
+        super().__init__()
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise AutoflowError(f"ActNorm expected a positive int channels, received {channels!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise AutoflowError(f"ActNorm expected a positive float eps, received {eps!r}")
+        self.channels = channels
+        self.eps = float(eps)
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, eps={self.eps}, initialized={bool(self.initialized)}"
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        """Set ``b`` and ``log_scale`` so ``x`` maps to zero mean, unit std per channel.
+
+        Args:
+            x: A batch of shape ``(B, C, H, W)``.
+        """
+        check_image(x, self.channels, self)
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        std = x.std(dim=(0, 2, 3), keepdim=True, correction=0)
+        self.bias.copy_(-mean)
+        self.log_scale.copy_(-(std + self.eps).log())
+        self.initialized.fill_(True)
+
+    def _logdet(self, x: Tensor) -> Tensor:
+        total = x.shape[2] * x.shape[3] * self.log_scale.sum()
+        return total.to(dtype=x.dtype, device=x.device).expand(x.shape[0]).clone()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Normalise ``x``, initialising from it first if training and not yet initialised.
+
+        Args:
+            x: Input of shape ``(B, C, H, W)``.
+
+        Returns:
+            ``(y, logdet)`` with ``y`` shaped like ``x`` and ``logdet`` of shape ``(B,)``.
+
+        Raises:
+            ShapeError: If ``x`` is not ``(B, C, H, W)`` with the module's ``C``.
+            AutoflowError: If ``x``'s dtype differs from the parameters'.
+        """
+        check_image(x, self.channels, self)
+        _check_dtype(x, self.log_scale, "input")
+        if self.training and not bool(self.initialized):
+            self.initialize(x)
+        y = (x + self.bias) * self.log_scale.exp()
+        return y, self._logdet(x)
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Undo the affine map with the current parameters (never initialises).
+
+        Args:
+            y: Tensor of shape ``(B, C, H, W)``.
+
+        Returns:
+            ``(x, logdet_inv)`` with ``logdet_inv = -H W sum(log_scale)`` of shape ``(B,)``.
+
+        Raises:
+            ShapeError: If ``y`` is not ``(B, C, H, W)`` with the module's ``C``.
+            AutoflowError: If ``y``'s dtype differs from the parameters'.
+        """
+        check_image(y, self.channels, self)
+        _check_dtype(y, self.log_scale, "input")
+        x = y * (-self.log_scale).exp() - self.bias
+        return x, -self._logdet(y)
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        return check_image_shape(input_shape, self.channels, self)
+
+    def input_shape(self, output_shape: Shape) -> Shape:
+        return check_image_shape(output_shape, self.channels, self)

@@ -1,0 +1,492 @@
+"""Affine (RealNVP) and additive (NICE) coupling layers (PyramidFlow Sec. 3.2, eqs. 3-5).
+
+A ``(B, C, H, W)`` input is split along channels into ``x0`` (the first ``C // 2``) and ``x1``
+(the remaining ``C - C // 2``). With ``s, t = conditioner(x0)``, ``s`` soft-clamped and
+optionally volume-normalised::
+
+    y0 = x0                           x0 = y0
+    y1 = exp(s) * x1 + t      (3)     x1 = exp(-s) * (y1 - t)      (4)
+    log|det dy/dx| = sum_{c,i,j} s    (5), shape (B,)
+
+The additive coupling is the special case ``s = 0`` (volume preserving, log-det exactly zero).
+
+This module also holds what every coupling shares: :class:`Coupling`, the base class that
+implements eqs. 3-5 (plus an optional invertible mixing of the transformed part) and the
+memory-saving engine hooks once for all couplings; :func:`make_conditioner`, the default
+conditioner network; and the clamped-affine helpers :func:`soft_clamp`, :func:`affine_apply`,
+:func:`affine_invert` and :func:`log_scale_sum`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .base import InvertibleModule, Reconstruction, Shape, State, check_image, check_image_shape
+from .errors import AutoflowError, ShapeError
+from .volume_norm import VolumeNorm
+
+__all__ = [
+    "AdditiveCoupling",
+    "AffineCoupling",
+    "Coupling",
+    "affine_apply",
+    "affine_invert",
+    "log_scale_sum",
+    "make_conditioner",
+    "soft_clamp",
+]
+
+
+def _positive_int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise AutoflowError(f"{what} must be a positive int, received {value!r}")
+    return value
+
+
+def make_conditioner(
+    in_channels: int, out_channels: int, hidden_channels: int, *, kernel_size: int = 3
+) -> nn.Sequential:
+    """The default coupling conditioner: conv k×k -> LeakyReLU -> conv k×k ("same" padding).
+
+    The last convolution is zero-initialised (weight and bias), so a coupling using it starts
+    as the identity map.
+
+    Args:
+        in_channels: Channels of the conditioning input.
+        out_channels: Channels of the output (``2 * len(x1)`` for ``s`` and ``t``).
+        hidden_channels: Channels between the two convolutions.
+        kernel_size: Odd kernel size of both convolutions.
+
+    Returns:
+        An ``nn.Sequential`` mapping ``(B, in, H, W)`` to ``(B, out, H, W)``.
+
+    Raises:
+        AutoflowError: If a channel count is not a positive int or ``kernel_size`` is not a
+            positive odd int.
+
+    Example:
+        >>> net = make_conditioner(2, 4, 8)
+        >>> net(torch.randn(1, 2, 5, 5)).abs().max().item()
+        0.0
+    """
+    for value, what in (
+        (in_channels, "in_channels"),
+        (out_channels, "out_channels"),
+        (hidden_channels, "hidden_channels"),
+    ):
+        _positive_int(value, f"make_conditioner {what}")
+    if _positive_int(kernel_size, "kernel_size") % 2 == 0:
+        # An even kernel cannot keep H and W with symmetric padding.
+        raise AutoflowError(f"kernel_size must be odd, received {kernel_size}")
+    padding = kernel_size // 2
+    last = nn.Conv2d(hidden_channels, out_channels, kernel_size, padding=padding)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(
+        nn.Conv2d(in_channels, hidden_channels, kernel_size, padding=padding),
+        nn.LeakyReLU(),
+        last,
+    )
+
+
+def soft_clamp(s: Tensor, clamp: float) -> Tensor:
+    """Smoothly limit a log-scale to ``(-clamp, clamp)``: ``clamp * tanh(s / clamp)``.
+
+    Keeps ``exp(s)`` within ``[e^-clamp, e^clamp]`` so the inverse stays well conditioned, while
+    being the identity to first order near zero.
+
+    Example:
+        >>> soft_clamp(torch.tensor([0.0, 100.0]), 2.0).tolist()
+        [0.0, 2.0]
+    """
+    return clamp * torch.tanh(s / clamp)
+
+
+def affine_apply(x: Tensor, s: Tensor | None, t: Tensor) -> Tensor:
+    """Eq. 3: ``exp(s) * x + t``; ``s=None`` is the additive case ``x + t``.
+
+    Example:
+        >>> affine_apply(torch.ones(2), torch.zeros(2), torch.ones(2)).tolist()
+        [2.0, 2.0]
+    """
+    return x + t if s is None else torch.exp(s) * x + t
+
+
+def affine_invert(y: Tensor, s: Tensor | None, t: Tensor) -> Tensor:
+    """Eq. 4: ``exp(-s) * (y - t)``; ``s=None`` is the additive case ``y - t``.
+
+    Example:
+        >>> affine_invert(torch.full((2,), 2.0), torch.zeros(2), torch.ones(2)).tolist()
+        [1.0, 1.0]
+    """
+    return y - t if s is None else torch.exp(-s) * (y - t)
+
+
+def log_scale_sum(s: Tensor | None, like: Tensor) -> Tensor:
+    """Eq. 5: the per-sample log-det ``sum s`` of shape ``(B,)``; exact zeros when ``s=None``.
+
+    Args:
+        s: Log-scale of shape ``(B, ...)``, or ``None`` for an additive map.
+        like: The transformed tensor, giving batch size, dtype and device for the zeros.
+
+    Example:
+        >>> log_scale_sum(torch.ones(2, 3, 1, 1), torch.empty(2, 3, 1, 1)).tolist()
+        [3.0, 3.0]
+    """
+    return like.new_zeros(like.shape[0]) if s is None else s.flatten(1).sum(1)
+
+
+def _make_volume_norm(volume_norm: str | VolumeNorm | None, owner: str) -> VolumeNorm | None:
+    if volume_norm is None or isinstance(volume_norm, VolumeNorm):
+        return volume_norm
+    if isinstance(volume_norm, str):
+        return VolumeNorm(volume_norm)
+    raise AutoflowError(
+        f"{owner} volume_norm must be None, a mode string ('channel' or 'spatial') or a "
+        f"VolumeNorm, received {type(volume_norm).__name__}"
+    )
+
+
+def _check_clamp(clamp: object, owner: str) -> float:
+    if (
+        isinstance(clamp, bool)
+        or not isinstance(clamp, (int, float))
+        or not math.isfinite(clamp)
+        or clamp <= 0
+    ):
+        raise AutoflowError(f"{owner} clamp must be a positive finite number, received {clamp!r}")
+    return float(clamp)
+
+
+class Coupling(InvertibleModule):
+    """Base class of couplings: a transformed part driven by a part the map leaves unchanged.
+
+    A subclass says how its state divides into ``kept`` tensors (unchanged, they include the
+    conditioning input) and one ``target`` tensor, by implementing :meth:`_split`,
+    :meth:`_merge` and :meth:`_conditioner_input`. The base then applies::
+
+        s, t = conditioner(_conditioner_input(kept))   # s soft-clamped, volume-normalised
+        target' = mixer(exp(s) * target + t)           # mixer optional (e.g. InvConv1x1)
+        logdet = sum(s) + logdet(mixer)
+
+    and overrides the engine hooks so the conditioner runs exactly once per reconstruction.
+
+    Args:
+        conditioner: Network mapping the conditioning input to ``2 * C_target`` channels
+            (``s`` then ``t``), or ``C_target`` channels (``t``) when ``additive``.
+        clamp: Soft-clamp bound of ``s`` (ignored when ``additive``).
+        volume_norm: Volume normalisation of ``s``: ``None``, a :class:`VolumeNorm` mode
+            string, or a :class:`VolumeNorm` instance.
+        additive: Use ``s = 0`` (NICE); the module is then volume preserving unless ``mixer``
+            is not.
+        mixer: Optional invertible module applied to the transformed target afterwards.
+
+    Raises:
+        AutoflowError: If ``clamp`` is not a positive finite number or ``volume_norm`` is
+            invalid, or ``additive`` is combined with ``volume_norm``.
+
+    Example:
+        The engine hook rebuilds the input from the output, one leaf per part:
+
+        >>> layer = AffineCoupling(4)
+        >>> y, _ = layer(torch.randn(1, 4, 2, 2))
+        >>> rec = layer.reconstruct(y)
+        >>> len(rec.leaves), tuple(rec.input_from_leaves(rec.leaves).shape)
+        (2, (1, 4, 2, 2))
+    """
+
+    def __init__(
+        self,
+        conditioner: nn.Module,
+        *,
+        clamp: float = 2.0,
+        volume_norm: str | VolumeNorm | None = None,
+        additive: bool = False,
+        mixer: InvertibleModule | None = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if not isinstance(conditioner, nn.Module):
+            raise AutoflowError(
+                f"{name} conditioner must be an nn.Module, received {type(conditioner).__name__}"
+            )
+        if additive and volume_norm is not None:
+            raise AutoflowError(f"{name} is additive (s = 0): volume_norm has nothing to normalise")
+        self.conditioner = conditioner
+        self.clamp = _check_clamp(clamp, name)
+        self.volume_norm = _make_volume_norm(volume_norm, name)
+        self.additive = additive
+        self.mixer = mixer
+
+    # Subclass interface ------------------------------------------------------------------
+
+    def _split(self, state: State) -> tuple[list[Tensor], Tensor]:  # pragma: no cover
+        """Validate ``state`` and return ``(kept, target)``."""
+        raise NotImplementedError
+
+    def _merge(self, kept: Sequence[Tensor], target: Tensor) -> State:  # pragma: no cover
+        """Inverse of :meth:`_split` (no validation)."""
+        raise NotImplementedError
+
+    def _conditioner_input(self, kept: Sequence[Tensor], target: Tensor) -> Tensor:
+        """The conditioner's input, built from ``kept`` (``target`` gives the output size)."""
+        raise NotImplementedError  # pragma: no cover
+
+    # Shared maths ------------------------------------------------------------------------
+
+    def _params(
+        self, kept: Sequence[Tensor], target: Tensor, *, update: bool
+    ) -> tuple[Tensor | None, Tensor]:
+        out = self.conditioner(self._conditioner_input(kept, target))
+        factor = 1 if self.additive else 2
+        expected = (target.shape[0], factor * target.shape[1], *target.shape[2:])
+        if not isinstance(out, Tensor) or tuple(out.shape) != expected:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            what = "t" if self.additive else "s and t"
+            raise ShapeError(
+                f"{type(self).__name__}'s conditioner must return {what} as one tensor of shape "
+                f"{expected}, received {got}"
+            )
+        if self.additive:
+            return None, out
+        s, t = out.chunk(2, dim=1)
+        s = soft_clamp(s, self.clamp)
+        if self.volume_norm is not None:
+            s = self.volume_norm(s, update=update)
+        return s, t
+
+    def _forward_target(self, x: Tensor, s: Tensor | None, t: Tensor) -> tuple[Tensor, Tensor]:
+        y, logdet = affine_apply(x, s, t), log_scale_sum(s, x)
+        if self.mixer is not None:
+            y, mixer_logdet = self.mixer(y)
+            logdet = logdet + mixer_logdet
+        return y, logdet
+
+    def _inverse_target(self, y: Tensor, s: Tensor | None, t: Tensor) -> tuple[Tensor, Tensor]:
+        logdet = -log_scale_sum(s, y)
+        if self.mixer is not None:
+            y, mixer_logdet = self.mixer.inverse(y)
+            logdet = logdet + mixer_logdet
+        return affine_invert(y, s, t), logdet
+
+    def forward(self, x: State) -> tuple[State, Tensor]:
+        """Apply the coupling; returns ``(y, logdet)`` with ``logdet`` of shape ``(B,)``.
+
+        In training mode the volume normalisation (if any) updates its running mean.
+
+        Raises:
+            ShapeError: If ``x`` does not have the structure and channels the module expects.
+        """
+        kept, target = self._split(x)
+        s, t = self._params(kept, target, update=True)
+        y, logdet = self._forward_target(target, s, t)
+        return self._merge(kept, y), logdet
+
+    def inverse(self, y: State) -> tuple[State, Tensor]:
+        """Invert the coupling (eq. 4); returns ``(x, logdet_inv)`` with ``logdet_inv = -logdet``.
+
+        Never updates running statistics.
+
+        Raises:
+            ShapeError: If ``y`` does not have the structure and channels the module expects.
+        """
+        kept, target = self._split(y)
+        s, t = self._params(kept, target, update=False)
+        x, logdet = self._inverse_target(target, s, t)
+        return self._merge(kept, x), logdet
+
+    # Engine hooks ------------------------------------------------------------------------
+
+    def reconstruct(self, y: State) -> Reconstruction:
+        """Rebuild the input of ``forward`` from ``y``, evaluating the conditioner once."""
+        return self._rebuild(y, given_is_output=True)
+
+    def reconstruct_inverse(self, x: State) -> Reconstruction:
+        """Rebuild the input of ``inverse`` from ``x``, evaluating the conditioner once."""
+        return self._rebuild(x, given_is_output=False)
+
+    def _rebuild(self, state: State, *, given_is_output: bool) -> Reconstruction:
+        # The kept part is the same on both sides of the map, so it can be taken from the given
+        # state as leaves; s and t computed from them serve both to invert the target (detached)
+        # and to recompute the map with a graph.
+        kept, given = self._split(state)
+        kept = [k.detach().requires_grad_() for k in kept]
+        s, t = self._params(kept, given, update=False)
+        s_value = None if s is None else s.detach()
+        back, forth = (
+            (self._inverse_target, self._forward_target)
+            if given_is_output
+            else (self._forward_target, self._inverse_target)
+        )
+        with torch.no_grad():
+            other, _ = back(given, s_value, t.detach())
+        leaf = other.detach().requires_grad_()
+        output, logdet = forth(leaf, s, t)
+        n_kept = len(kept)
+
+        def input_from_leaves(tensors: Sequence[Tensor]) -> State:
+            return self._merge(list(tensors[:n_kept]), tensors[n_kept])
+
+        return Reconstruction([*kept, leaf], self._merge(kept, output), logdet, input_from_leaves)
+
+
+class _ChannelCoupling(Coupling):
+    """Couplings on a (B, C, H, W) tensor split into the first C // 2 channels and the rest."""
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        conditioner: nn.Module | None,
+        hidden_channels: int | None,
+        kernel_size: int,
+        clamp: float,
+        volume_norm: str | VolumeNorm | None,
+        additive: bool,
+    ) -> None:
+        name = type(self).__name__
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 2:
+            raise AutoflowError(
+                f"{name} needs an int channels >= 2 (one to condition on, one to transform), "
+                f"received {channels!r}"
+            )
+        kept_channels = channels // 2
+        target_channels = channels - kept_channels
+        if conditioner is None:
+            hidden = channels if hidden_channels is None else hidden_channels
+            factor = 1 if additive else 2
+            conditioner = make_conditioner(
+                kept_channels, factor * target_channels, hidden, kernel_size=kernel_size
+            )
+        elif hidden_channels is not None:
+            raise AutoflowError(
+                f"{name} got both a conditioner and hidden_channels; hidden_channels only "
+                "configures the default conditioner"
+            )
+        super().__init__(conditioner, clamp=clamp, volume_norm=volume_norm, additive=additive)
+        self.channels = channels
+        self.kept_channels = kept_channels
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}"
+
+    def _split(self, state: State) -> tuple[list[Tensor], Tensor]:
+        check_image(state, self.channels, self)
+        return [state[:, : self.kept_channels]], state[:, self.kept_channels :]
+
+    def _merge(self, kept: Sequence[Tensor], target: Tensor) -> Tensor:
+        return torch.cat([kept[0], target], dim=1)
+
+    def _conditioner_input(self, kept: Sequence[Tensor], target: Tensor) -> Tensor:
+        return kept[0]
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        """``input_shape`` itself, after checking it is ``(channels, H, W)``."""
+        return check_image_shape(input_shape, self.channels, self)
+
+    def input_shape(self, output_shape: Shape) -> Shape:
+        """``output_shape`` itself, after checking it is ``(channels, H, W)``."""
+        return check_image_shape(output_shape, self.channels, self)
+
+
+class AffineCoupling(_ChannelCoupling):
+    """RealNVP affine coupling (eqs. 3-5) on ``(B, channels, H, W)`` tensors.
+
+    ``x0`` is the first ``channels // 2`` channels, ``x1`` the rest; ``s, t`` are the two
+    halves of ``conditioner(x0)``, ``s`` soft-clamped to ``(-clamp, clamp)`` and then
+    optionally volume-normalised. The default conditioner starts at zero, so the layer starts
+    as the identity.
+
+    Args:
+        channels: Number of channels ``C >= 2``.
+        conditioner: Network mapping ``(B, C // 2, H, W)`` to ``(B, 2 * (C - C // 2), H, W)``
+            (``s`` first, then ``t``). Default: :func:`make_conditioner` with ``kernel_size``
+            and ``hidden_channels``.
+        hidden_channels: Hidden width of the default conditioner; default ``channels``.
+        kernel_size: Kernel size of the default conditioner (odd).
+        clamp: Soft-clamp bound of ``s``.
+        volume_norm: ``None``, ``"channel"`` (CVN), ``"spatial"`` (SVN), or a
+            :class:`~autoflow.volume_norm.VolumeNorm`. In training mode its batch mean makes
+            each sample's output depend on the other samples' ``x0``.
+
+    Raises:
+        AutoflowError: For invalid arguments, or ``hidden_channels`` given with a custom
+            ``conditioner``.
+
+    Example:
+        >>> layer = AffineCoupling(4)
+        >>> x = torch.randn(2, 4, 3, 3)
+        >>> y, logdet = layer(x)
+        >>> tuple(logdet.shape), bool(torch.equal(y, x))  # zero-initialised: identity
+        ((2,), True)
+        >>> x_back, logdet_inv = layer.inverse(y)
+        >>> bool(torch.allclose(x_back, x))
+        True
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        conditioner: nn.Module | None = None,
+        hidden_channels: int | None = None,
+        kernel_size: int = 3,
+        clamp: float = 2.0,
+        volume_norm: str | VolumeNorm | None = None,
+    ) -> None:
+        super().__init__(
+            channels,
+            conditioner=conditioner,
+            hidden_channels=hidden_channels,
+            kernel_size=kernel_size,
+            clamp=clamp,
+            volume_norm=volume_norm,
+            additive=False,
+        )
+
+
+class AdditiveCoupling(_ChannelCoupling):
+    """NICE additive coupling ``y1 = x1 + t(x0)``: the volume-preserving case ``s = 0``.
+
+    Same split and default conditioner as :class:`AffineCoupling`, but the conditioner outputs
+    only ``t`` (``C - C // 2`` channels) and the log-det is exactly zero.
+
+    Args:
+        channels: Number of channels ``C >= 2``.
+        conditioner: Network mapping ``(B, C // 2, H, W)`` to ``(B, C - C // 2, H, W)``.
+        hidden_channels: Hidden width of the default conditioner; default ``channels``.
+        kernel_size: Kernel size of the default conditioner (odd).
+
+    Raises:
+        AutoflowError: For invalid arguments.
+
+    Example:
+        >>> layer = AdditiveCoupling(3)
+        >>> y, logdet = layer(torch.randn(2, 3, 4, 4))
+        >>> logdet.tolist()
+        [0.0, 0.0]
+    """
+
+    volume_preserving = True
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        conditioner: nn.Module | None = None,
+        hidden_channels: int | None = None,
+        kernel_size: int = 3,
+    ) -> None:
+        super().__init__(
+            channels,
+            conditioner=conditioner,
+            hidden_channels=hidden_channels,
+            kernel_size=kernel_size,
+            clamp=2.0,
+            volume_norm=None,
+            additive=True,
+        )

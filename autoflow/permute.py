@@ -1,0 +1,85 @@
+"""Fixed channel permutation: ``y[:, i] = x[:, perm[i]]``, log-det exactly 0.
+
+Input and output are ``(B, C, H, W)``. The permutation is a buffer, so it is saved with the
+``state_dict``; the inverse applies ``argsort(perm)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import InvertibleModule, Shape, check_image, check_image_shape
+from .errors import AutoflowError
+
+__all__ = ["Permute"]
+
+_KINDS = ("random", "reverse")
+
+
+class Permute(InvertibleModule):
+    """Permute channels by a fixed random or reversing permutation.
+
+    A random permutation is drawn from a local generator seeded from torch's global RNG, so
+    ``torch.manual_seed`` makes it repeatable.
+
+    Args:
+        channels: Number of channels ``C``.
+        kind: ``"random"`` or ``"reverse"``.
+
+    Raises:
+        AutoflowError: If ``channels`` is not a positive int or ``kind`` is unknown.
+
+    Example:
+        >>> perm = Permute(3, kind="reverse")
+        >>> y, logdet = perm(torch.arange(3.0).view(1, 3, 1, 1))
+        >>> y.flatten().tolist(), logdet.tolist()
+        ([2.0, 1.0, 0.0], [0.0])
+    """
+
+    volume_preserving = True
+    perm: Tensor
+    inverse_perm: Tensor
+
+    def __init__(self, channels: int, *, kind: str = "random") -> None:
+        super().__init__()
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise AutoflowError(f"Permute expected a positive int channels, received {channels!r}")
+        if kind not in _KINDS:
+            raise AutoflowError(f"Permute kind must be one of {_KINDS}, received {kind!r}")
+        self.channels = channels
+        self.kind = kind
+        if kind == "reverse":
+            perm = torch.arange(channels - 1, -1, -1)
+        else:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+            perm = torch.randperm(channels, generator=torch.Generator().manual_seed(seed))
+        self.register_buffer("perm", perm)
+        self.register_buffer("inverse_perm", torch.argsort(perm))
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, kind={self.kind!r}"
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Permute the channels of ``x`` of shape ``(B, C, H, W)``; log-det zeros ``(B,)``.
+
+        Raises:
+            ShapeError: If ``x`` is not ``(B, C, H, W)`` with the module's ``C``.
+        """
+        check_image(x, self.channels, self)
+        return x[:, self.perm], x.new_zeros(x.shape[0])
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Undo the permutation; log-det zeros ``(B,)``.
+
+        Raises:
+            ShapeError: If ``y`` is not ``(B, C, H, W)`` with the module's ``C``.
+        """
+        check_image(y, self.channels, self)
+        return y[:, self.inverse_perm], y.new_zeros(y.shape[0])
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        return check_image_shape(input_shape, self.channels, self)
+
+    def input_shape(self, output_shape: Shape) -> Shape:
+        return check_image_shape(output_shape, self.channels, self)
