@@ -236,12 +236,16 @@ class Coupling(InvertibleModule):
         """The conditioner's input, built from ``kept`` (``target`` gives the output size)."""
         raise NotImplementedError  # pragma: no cover
 
+    def _fit_to_target(self, out: Tensor, target: Tensor) -> Tensor:
+        """Bring the conditioner's output to the target's size; identity unless overridden."""
+        return out
+
     # Shared maths ------------------------------------------------------------------------
 
     def _params(
         self, kept: Sequence[Tensor], target: Tensor, *, update: bool
     ) -> tuple[Tensor | None, Tensor]:
-        out = self.conditioner(self._conditioner_input(kept, target))
+        out = self._fit_to_target(self.conditioner(self._conditioner_input(kept, target)), target)
         factor = 1 if self.additive else 2
         expected = (target.shape[0], factor * target.shape[1], *target.shape[2:])
         if not isinstance(out, Tensor) or tuple(out.shape) != expected:

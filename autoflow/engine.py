@@ -43,6 +43,7 @@ from .base import (
     flatten_state,
     pack_like,
     recompute,
+    same_randomness,
     state_shape,
     structure_of,
     sum_logdets,
@@ -243,7 +244,8 @@ class _MemorySavingChain(torch.autograd.Function):
                     plan.device_type, dtype=dtype, enabled=enabled
                 ):
                     rec = _reconstruct(plan, i, block, state)
-                _check_reconstruction(plan, i, name, rec)
+                rebuilt = rec.input_from_leaves([leaf.detach() for leaf in rec.leaves])
+                _check_reconstruction(plan, i, name, rebuilt)
                 block_params = [p for p in block.parameters() if id(p) in index]
                 leaf_grads, grads_of_params = _local_backward(
                     rec, grad_state, grad_logdet, block_params
@@ -252,7 +254,7 @@ class _MemorySavingChain(torch.autograd.Function):
                 if g is not None:
                     k = index[id(p)]
                     param_grads[k] = g if param_grads[k] is None else param_grads[k] + g
-            state = rec.input_from_leaves([leaf.detach() for leaf in rec.leaves])
+            state = rebuilt
             grad_state = flatten_state(rec.input_from_leaves(leaf_grads))
             del rec
         input_grads = [g if wanted else None
@@ -267,8 +269,7 @@ def _reconstruct(plan: _Plan, i: int, block: InvertibleModule, state: State) -> 
     return block.reconstruct_inverse(state) if plan.inverse else block.reconstruct(state)
 
 
-def _check_reconstruction(plan: _Plan, i: int, name: str, rec: Reconstruction) -> None:
-    rebuilt = rec.input_from_leaves([leaf.detach() for leaf in rec.leaves])
+def _check_reconstruction(plan: _Plan, i: int, name: str, rebuilt: State) -> None:
     if state_shape(rebuilt) != plan.input_shapes[i]:
         raise EngineError(
             f"module '{name}' reconstructed an input of shape {state_shape(rebuilt)}, but its "
@@ -314,10 +315,8 @@ def _replay_rng(saved, state: State) -> Iterator[None]:
     if saved is None:
         yield
         return
-    device = flatten_state(state)[0].device
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with same_randomness(state):
         torch.set_rng_state(saved[0])
         if saved[1] is not None:
-            torch.cuda.set_rng_state(saved[1], device)
+            torch.cuda.set_rng_state(saved[1], flatten_state(state)[0].device)
         yield

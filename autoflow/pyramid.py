@@ -48,13 +48,19 @@ def _reflect_indices(n: int, pad: int, device: torch.device) -> Tensor:
 
 
 def _binomial_blur(x: Tensor) -> Tensor:
-    """Depthwise 5×5 binomial blur (``[1, 4, 6, 4, 1] / 16`` outer product), reflect padding."""
+    """Depthwise 5×5 binomial blur (``[1, 4, 6, 4, 1] / 16`` outer product), reflect padding.
+
+    Applied as two 1-D passes (the kernel is separable): 10 instead of 25 taps per pixel.
+    """
     taps = torch.tensor(_BINOMIAL, dtype=x.dtype, device=x.device) / 16.0
-    weight = torch.outer(taps, taps).expand(x.shape[1], 1, 5, 5)
-    pad = len(_BINOMIAL) // 2
-    padded = x.index_select(2, _reflect_indices(x.shape[2], pad, x.device))
-    padded = padded.index_select(3, _reflect_indices(x.shape[3], pad, x.device))
-    return F.conv2d(padded, weight, groups=x.shape[1])
+    channels, pad = x.shape[1], len(_BINOMIAL) // 2
+    if x.shape[2] > pad and x.shape[3] > pad:
+        padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    else:
+        padded = x.index_select(2, _reflect_indices(x.shape[2], pad, x.device))
+        padded = padded.index_select(3, _reflect_indices(x.shape[3], pad, x.device))
+    rows = F.conv2d(padded, taps.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    return F.conv2d(rows, taps.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
 
 
 def gaussian_down(x: Tensor) -> Tensor:

@@ -2,12 +2,14 @@
 
 The state is a tuple of levels ``(x_0, ..., x_{L-1})``, level ``d`` of shape
 ``(B, C, H_d, W_d)`` (any sizes; a Laplacian pyramid halves them level by level). One level,
-the *target* ``x_t``, is transformed; its conditioning levels are resized to the target's size
-with bilinear interpolation (``align_corners=False``) and drive an affine map (eqs. 3-5),
-followed by an invertible 1×1 convolution ``A`` that mixes the target's channels (eqs. 6-7)::
+the *target* ``x_t``, is transformed by an affine map (eqs. 3-5) whose parameters come from
+other levels and are matched to the target's size with bilinear interpolation
+(``align_corners=False``), followed by an invertible 1×1 convolution ``A`` that mixes the
+target's channels (eqs. 6-7)::
 
-    h     = cat_k resize(x_k, (H_t, W_t))      for the source levels k
-    s, t  = conditioner(h)                     (s soft-clamped, optionally volume-normalised)
+    s, t  = resize(conditioner(x_k), (H_t, W_t))                     one source level k
+    s, t  = conditioner(cat_k resize(x_k, (H_t, W_t)))              two source levels
+                                               (s soft-clamped, optionally volume-normalised)
     y_t   = A (exp(s) * x_t + t)
     y_d   = x_d                                for d != t
     logdet = sum_{c,i,j} s + H_t W_t log|det A|,   shape (B,)
@@ -116,10 +118,18 @@ class _LevelCoupling(Coupling):
         return (*kept[: self.target], target, *kept[self.target :])
 
     def _conditioner_input(self, kept: Sequence[Tensor], target: Tensor) -> Tensor:
-        size = (target.shape[2], target.shape[3])
         # kept lacks the target level, so levels after it sit one position earlier.
-        parts = [_resize(kept[d - (d > self.target)], size) for d in self.sources]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        parts = [kept[d - (d > self.target)] for d in self.sources]
+        if len(parts) == 1:
+            # One source: the conditioner runs at the source's own resolution and its output
+            # (the affine parameters) is resized, as in the paper; for the finest level this
+            # evaluates the network on a quarter of the pixels.
+            return parts[0]
+        size = (target.shape[2], target.shape[3])
+        return torch.cat([_resize(part, size) for part in parts], dim=1)
+
+    def _fit_to_target(self, out: Tensor, target: Tensor) -> Tensor:
+        return _resize(out, (target.shape[2], target.shape[3]))
 
     def output_shape(self, input_shape: Shape) -> Shape:
         """``input_shape`` itself, after checking it is a tuple of level shapes that fits.
@@ -148,11 +158,11 @@ class _LevelCoupling(Coupling):
 class PyramidCoupling(_LevelCoupling):
     """Scale-wise coupling (Fig. 3c): level ``target`` transformed given level ``source``.
 
-    The source level is resized to the target's spatial size (bilinear,
-    ``align_corners=False``); the conditioner (conv k×k -> LeakyReLU -> conv k×k, last layer
-    zero-initialised so the affine part starts as the identity) maps it to ``s, t`` for all
-    channels of the target; an :class:`~autoflow.conv1x1.InvConv1x1` then mixes the target's
-    channels. Other levels pass through unchanged.
+    The conditioner (conv k×k -> LeakyReLU -> conv k×k, last layer zero-initialised so the
+    affine part starts as the identity) runs on the source level at its own resolution; its
+    output, ``s, t`` for all channels of the target, is resized to the target's spatial size
+    (bilinear, ``align_corners=False``); an :class:`~autoflow.conv1x1.InvConv1x1` then mixes
+    the target's channels. Other levels pass through unchanged.
 
     Args:
         channels: Channels ``C`` of the target and source levels.
