@@ -20,10 +20,15 @@ What the engine guarantees:
 * the autocast state of the forward pass is restored for the reconstruction.
 
 Reconstruction error. Rebuilding inputs from outputs accumulates floating-point error through
-the chain. It stays small when every module is well conditioned: log-scales soft-clamped, 1×1
-convolutions far from singular, volume normalisation keeping log-scales centred. Set
-``anchor_every=k`` to keep the true input of every ``k``-th module (bounding the drift at the cost
-of ``D / k`` saved states) and ``debug=True`` to measure the error (see :class:`EngineOptions`).
+the chain: each inverse subtracts the shift ``t`` and divides by ``exp(s)``, so what is lost is
+relative to the size of the *outputs*. It stays near float precision when the chain does not
+amplify its input much: log-scales soft-clamped, 1×1 convolutions far from singular, volume
+normalisation keeping log-scales centred. It grows when a deep chain amplifies its input by
+orders of magnitude (for instance cross-level shifts that feed back on each other in an
+untrained, randomly weighted pyramid stack): then the small input is recovered from large
+outputs by cancellation. Set ``debug=True`` to measure the error per module (see
+:class:`EngineOptions`) and ``anchor_every=k`` to keep the true input of every ``k``-th module,
+which bounds the drift at the cost of ``D / k`` saved states.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from toys import randomize_conditioner
 
 from autoflow.base import InvertibleModule, State, flatten_state
 from autoflow.coupling import AdditiveCoupling, AffineCoupling, make_conditioner
@@ -20,22 +21,6 @@ from autoflow.testing import strategies as afs
 from autoflow.volume_norm import VolumeNorm
 
 VOLUME_NORMS = [None, "channel", "spatial"]
-
-
-def randomize_conditioner(module: nn.Module, scale: float = 0.5, seed: int = 0) -> nn.Module:
-    """Give every conditioner's zero-initialised last layer random weights, in place.
-
-    The default conditioners start as the identity map (s = t = 0), under which inverses,
-    log-dets and gradients would be checked only trivially.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for sub in module.modules():
-            conditioner = getattr(sub, "conditioner", None)
-            if isinstance(conditioner, nn.Sequential):
-                for p in conditioner[-1].parameters():
-                    p.copy_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
-    return module
 
 
 def make_coupling(kind: str, channels: int, volume_norm: str | None, dtype: torch.dtype):

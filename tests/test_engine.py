@@ -7,7 +7,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from toys import Flip, LevelMix, NoInverse, ShapeChanger, ToyCoupling, perturb
+from toys import (
+    Flip,
+    LevelMix,
+    NoInverse,
+    ShapeChanger,
+    ToyCoupling,
+    perturb,
+    randomize_conditioner,
+)
 
 from autoflow import EngineError, Sequential
 from autoflow.testing import assert_engine_gradients_match, relative_error
@@ -188,3 +196,56 @@ def test_memory_saving_keeps_no_intermediates():
         saving.append(saved_bytes(chain, x))
     assert plain[1] > 6 * plain[0]
     assert saving[1] == saving[0] <= x.numel() * x.element_size()
+
+
+def pyramid_stack(channels: int, levels: int, depth: int, **options) -> Sequential:
+    """A PyramidFlow-like coupling stack over a tuple of pyramid levels, at initialisation."""
+    from autoflow import DualPyramidCoupling, PyramidCoupling
+
+    blocks = []
+    for _ in range(depth):
+        for first in (0, 1):
+            for level in range(first, levels, 2):
+                if 0 < level < levels - 1:
+                    blocks.append(DualPyramidCoupling(channels, target=level, **options))
+                else:
+                    source = 1 if level == 0 else levels - 2
+                    blocks.append(PyramidCoupling(channels, target=level, source=source,
+                                                  **options))
+    return Sequential(*blocks)
+
+
+def test_pyramid_stack_reconstruction_error_in_float32():
+    torch.manual_seed(0)
+    # Random affine parameters large enough that the stack amplifies its input about 5-fold;
+    # much larger ones make the cross-level shifts feed back chaotically (see the engine docs).
+    stack = randomize_conditioner(pyramid_stack(4, 4, 8, kernel_size=3, volume_norm="channel"),
+                                  scale=0.1)
+    stack.memory_saving = True
+    stack.engine_options.debug = True
+    levels = tuple(torch.randn(2, 4, 32 >> d, 32 >> d, requires_grad=True) for d in range(4))
+    out, _ = stack(levels)
+    sum(z.square().sum() for z in out).backward()
+    assert len(stack.reconstruction_errors) == 8 * 4
+    assert max(stack.reconstruction_errors.values()) <= 1e-4
+
+
+def test_conditioner_runs_twice_per_step_not_three_times():
+    stack = perturb(pyramid_stack(2, 3, 2, kernel_size=3)).double()
+    calls = []
+    for block in stack:
+        block.conditioner.register_forward_hook(lambda *_: calls.append(1))
+    levels = tuple(torch.randn(2, 2, 8 >> d, 8 >> d, dtype=torch.float64) for d in range(3))
+    for saving, per_block in ((False, 1), (True, 2)):
+        stack.memory_saving = saving
+        calls.clear()
+        out, logdet = stack(tuple(t.requires_grad_() for t in levels))
+        (sum(z.sum() for z in out) + logdet.sum()).backward()
+        # forward once, then one reconstruction that both inverts and rebuilds the graph
+        assert len(calls) == per_block * len(stack)
+
+
+def test_volume_norm_running_mean_updated_once_under_the_engine():
+    stack = perturb(pyramid_stack(2, 3, 1, kernel_size=3, volume_norm="spatial")).double()
+    levels = tuple(torch.randn(2, 2, 8 >> d, 8 >> d, dtype=torch.float64) for d in range(3))
+    assert_engine_gradients_match(stack, levels)  # compares every buffer after the step

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_coupling import check_reconstruction, randomize_conditioner
+from test_coupling import check_reconstruction
+from toys import randomize_conditioner
 
 from autoflow.conv1x1 import InvConv1x1
 from autoflow.errors import AutoflowError, ShapeError

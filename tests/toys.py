@@ -96,3 +96,19 @@ def perturb(module: nn.Module, scale: float = 0.3, seed: int = 0) -> nn.Module:
         for p in module.parameters():
             p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
     return module
+
+
+def randomize_conditioner(module: nn.Module, scale: float = 0.5, seed: int = 0) -> nn.Module:
+    """Give every conditioner's zero-initialised last layer random weights, in place.
+
+    The default conditioners start as the identity map (s = t = 0), under which inverses,
+    log-dets and gradients would be checked only trivially.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for sub in module.modules():
+            conditioner = getattr(sub, "conditioner", None)
+            if isinstance(conditioner, nn.Sequential):
+                for p in conditioner[-1].parameters():
+                    p.copy_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return module

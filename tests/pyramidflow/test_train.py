@@ -1,0 +1,135 @@
+"""Training: seeds repeat runs, resuming repeats them too, NaN stops, thresholds are held out."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from examples.pyramidflow import PyramidFlow, train
+from examples.pyramidflow.inference import anomaly_maps
+from examples.pyramidflow.train import augment, load_checkpoint, split_holdout
+
+__all__: list[str] = []
+
+
+def assert_same_weights(first: PyramidFlow, second: PyramidFlow) -> None:
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_same_seed_repeats_the_run_and_another_seed_does_not(tiny_config, normal_images):
+    config = tiny_config(augment=True)
+    first = train(config, normal_images, progress=False)
+    second = train(config, normal_images, progress=False)
+    assert_same_weights(first.model, second.model)
+    assert first.thresholds == second.thresholds
+    assert first.losses == second.losses and len(first.losses) == config.epochs
+
+    other = train(tiny_config(augment=True, seed=1), normal_images, progress=False).model
+    assert not all(torch.equal(a, b) for a, b in zip(other.parameters(),
+                                                     first.model.parameters()))
+
+
+def test_resuming_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, tiny_config,
+                                                                normal_images):
+    config = tiny_config(epochs=2, augment=True)
+    whole = train(config, normal_images, checkpoint_dir=tmp_path / "whole", progress=False)
+    assert sorted(p.name for p in (tmp_path / "whole").iterdir()) == ["epoch-001.pt",
+                                                                      "epoch-002.pt"]
+
+    train(tiny_config(epochs=1, augment=True), normal_images, checkpoint_dir=tmp_path / "part",
+          progress=False)
+    resumed = train(config, normal_images, checkpoint_dir=tmp_path / "part",
+                    resume=tmp_path / "part" / "epoch-001.pt", progress=False)
+    assert_same_weights(whole.model, resumed.model)
+    assert resumed.thresholds == whole.thresholds
+    assert len(resumed.losses) == 1 and resumed.losses[0] == whole.losses[1]
+    for a, b in zip(resumed.model.template, whole.model.template):
+        assert torch.equal(a, b)
+
+
+def test_checkpoints_hold_training_state_and_the_final_one_the_template(
+        tmp_path, tiny_config, normal_images):
+    result = train(tiny_config(), normal_images, checkpoint_dir=tmp_path, progress=False)
+    first, last = load_checkpoint(tmp_path / "epoch-001.pt"), load_checkpoint(result.checkpoint)
+    assert first["epoch"] == 1 and first["optimizer"] is not None and first["template"] is None
+    assert last["epoch"] == 2 and last["config"] == tiny_config()
+    assert last["thresholds"] == result.thresholds
+    assert last["holdout"] == result.holdout_indices
+    assert [tuple(t.shape) for t in last["template"]] == [(1, 4, 16, 16), (1, 4, 8, 8),
+                                                          (1, 4, 4, 4)]
+
+
+def test_resume_rejects_another_config(tmp_path, tiny_config, normal_images):
+    train(tiny_config(epochs=1), normal_images, checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"differs in channels: 4 -> 8"):
+        train(tiny_config(channels=8), normal_images, resume=tmp_path / "epoch-001.pt",
+              progress=False)
+
+
+def test_nan_loss_stops_at_once_naming_epoch_and_step(monkeypatch, tmp_path, tiny_config,
+                                                      normal_images):
+    calls = itertools.count(1)
+    loss = PyramidFlow.loss
+
+    def poisoned(self, latents):
+        value = loss(self, latents)
+        return value * float("nan") if next(calls) == 2 else value
+
+    monkeypatch.setattr(PyramidFlow, "loss", poisoned)
+    with pytest.raises(FloatingPointError, match=r"nan at epoch 1/2, step 2/3"):
+        train(tiny_config(), normal_images, checkpoint_dir=tmp_path, progress=False)
+    assert not list(tmp_path.iterdir())  # no checkpoint of the broken epoch
+
+
+def test_thresholds_come_from_held_out_images_never_trained_on(monkeypatch, tiny_config,
+                                                               normal_images):
+    trained_on = []
+    forward = PyramidFlow.forward
+
+    def spy(self, images):
+        if self.training:
+            trained_on.append(images.detach().clone())
+        return forward(self, images)
+
+    monkeypatch.setattr(PyramidFlow, "forward", spy)
+    config = tiny_config()
+    result = train(config, normal_images, progress=False)
+
+    assert len(result.holdout_indices) == 4 and len(result.train_indices) == 12
+    assert sorted(result.train_indices + result.holdout_indices) == list(range(16))
+    seen = torch.cat(trained_on)
+    for index in result.holdout_indices:
+        assert not (seen == normal_images[index]).flatten(1).all(1).any()
+
+    monkeypatch.setattr(PyramidFlow, "forward", forward)
+    maps = anomaly_maps(result.model, normal_images[result.holdout_indices]).double().numpy()
+    image_scores = maps.reshape(len(maps), -1).max(1)
+    assert result.thresholds.image == pytest.approx(np.quantile(image_scores, 0.99))
+    assert result.thresholds.pixel == pytest.approx(np.quantile(maps, 0.999))
+
+
+def test_holdout_keeps_at_least_one_image_and_zero_keeps_none():
+    assert [len(part) for part in split_holdout(5, 0.01, seed=0)] == [4, 1]
+    assert split_holdout(5, 0.0, seed=0) == ([0, 1, 2, 3, 4], [])
+    with pytest.raises(ValueError, match="leaves none to train on"):
+        split_holdout(1, 0.5, seed=0)
+
+
+def test_too_few_images_for_a_batch(tiny_config, normal_images):
+    with pytest.raises(ValueError, match=r"3 training images .* fewer than config.batch_size=4"):
+        train(tiny_config(), normal_images[:4], progress=False)
+
+
+def test_augmentation_only_flips_and_rotates():
+    images = torch.arange(2 * 16, dtype=torch.float32).view(2, 1, 4, 4)
+    out = augment(images, torch.Generator().manual_seed(0))
+    for original, changed in zip(images, out):
+        variants = [original.rot90(k, (-2, -1)) for k in range(4)]
+        variants += [v.flip(-1) for v in variants]
+        assert any(torch.equal(changed, v) for v in variants)
