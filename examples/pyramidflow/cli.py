@@ -1,0 +1,452 @@
+"""Command line of the PyramidFlow example: ``python -m examples.pyramidflow <command>``.
+
+Commands:
+
+* ``demo``: train and evaluate on the built-in synthetic data (a texture and an object
+  category), write heatmap panels and image templates, print the metrics and the wall time.
+* ``train``: train on MVTec AD, BTAD, a folder of your own images or synthetic data, then
+  evaluate on the test split when there is one.
+* ``evaluate``: metrics of a run folder or checkpoint on a test set.
+* ``predict``: heatmaps, scores and verdicts for a folder of images.
+
+Every config field is a flag (``--image-size``, ``--epochs``, ``--seed``, ``--volume-norm``...);
+booleans come as ``--augment`` / ``--no-augment``. A run folder (``--out``, by default
+``runs/<name>``) holds ``config.json``, ``data.json`` (how to rebuild the datasets),
+``checkpoints/``, ``model.pt`` (the detector), ``image_template.png``, ``heatmaps/`` and
+``results.json`` / ``results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from .config import PyramidFlowConfig, mvtec_defaults
+from .datasets import BTAD, AnomalyImageDataset, ImageFolder, MVTecAD
+from .detector import Detector
+from .evaluate import collect_maps, metrics_from_maps, results_table, write_results
+from .synthetic import SyntheticDefects
+from .train import latest_checkpoint, load_checkpoint
+from .visualize import color_range, save_image, save_panel
+
+__all__ = ["DEMO_DEFAULTS", "build_parser", "main"]
+
+logger = logging.getLogger(__name__)
+
+DEMO_DEFAULTS: dict[str, Any] = {
+    "image_size": 64,
+    "channels": 16,
+    "levels": 4,
+    "depth": 2,
+    "kernel_size": 7,
+    "epochs": 6,
+    "batch_size": 4,
+}
+"""Config of ``demo``: the paper's C, L and kernel with fewer stacks, epochs and pixels, so
+both categories train and evaluate in well under five minutes on two CPU cores."""
+
+_DEMO_KINDS = ("texture", "object")
+_LATEST = "latest"
+_MODEL_FILE = "model.pt"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 on success, 1 on a reported error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Only this example's loggers: a host application's (or pytest's) logging stays as it is.
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger(__package__).setLevel(logging.WARNING if args.quiet else logging.INFO)
+    try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be at least 1, received {args.threads}")
+            torch.set_num_threads(args.threads)
+        with logging_redirect_tqdm():
+            return args.command(args)
+    # Bad flags, files, data or settings, a diverging loss: one line instead of a traceback.
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as error:
+        print(f"{parser.prog} {args.command_name}: error: {error}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with its four sub-commands."""
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.pyramidflow",
+        description="PyramidFlow (CVPR 2023) defect localisation: demo, train, evaluate, "
+                    "predict.",
+    )
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    demo = _command(commands, "demo", _demo,
+                    "train and evaluate on the built-in synthetic data, end to end")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"),
+                      help="run folder (default: runs/demo)")
+    demo.add_argument("--train-images", type=int, default=64,
+                      help="normal training images per category (default: 64)")
+    demo.add_argument("--test-images", type=int, default=64,
+                      help="test images per category, half defective (default: 64)")
+    demo.add_argument("--data-seed", type=int, default=0,
+                      help="seed of the synthetic products (default: 0)")
+    demo.add_argument("--panels", type=int, default=6,
+                      help="heatmap panels per category (default: 6)")
+    _add_config_flags(demo, DEMO_DEFAULTS)
+
+    train = _command(commands, "train", _train, "train on a dataset, then evaluate")
+    _add_data_flags(train, required=True)
+    train.add_argument("--out", type=Path, help="run folder (default: runs/<name>)")
+    train.add_argument("--resume", nargs="?", const=_LATEST, metavar="CHECKPOINT",
+                       help="continue from CHECKPOINT, or without a value from the run "
+                            "folder's latest checkpoint")
+    train.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
+                       help="evaluate on the test split after training (default: yes)")
+    train.add_argument("--panels", type=int, default=8, help="heatmap panels (default: 8)")
+    _add_config_flags(train)
+
+    evaluate = _command(commands, "evaluate", _evaluate,
+                        "metrics of a run folder or checkpoint on a test set")
+    evaluate.add_argument("source", type=Path, help="run folder or checkpoint file")
+    _add_data_flags(evaluate, required=False)
+    evaluate.add_argument("--out", type=Path,
+                          help="where to write results (default: the run folder)")
+    evaluate.add_argument("--panels", type=int, default=8, help="heatmap panels (default: 8)")
+
+    predict = _command(commands, "predict", _predict,
+                       "heatmaps, scores and verdicts for a folder of images")
+    predict.add_argument("source", type=Path, help="run folder or checkpoint file")
+    predict.add_argument("images", type=Path, help="folder of images (not searched recursively)")
+    predict.add_argument("--out", type=Path,
+                         help="output folder (default: <run>/predictions/<images folder name>)")
+    return parser
+
+
+def _command(commands: Any, name: str, function: Any, summary: str) -> argparse.ArgumentParser:
+    command = commands.add_parser(name, help=summary, description=summary)
+    command.set_defaults(command=function, command_name=name)
+    command.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                         help="show progress bars (default: yes)")
+    command.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    command.add_argument("--workers", type=int, default=0,
+                         help="DataLoader worker processes (default: 0)")
+    command.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    command.add_argument("--threads", type=int,
+                         help="CPU threads for torch (default: torch's choice); 1 is often "
+                              "faster for small images on busy machines")
+    return command
+
+
+def _add_data_flags(parser: argparse.ArgumentParser, required: bool) -> None:
+    group = parser.add_argument_group(
+        "data", "mvtec: --root R --category C; btad: --root R --product 01; "
+                "folder: --good DIR [--test-good DIR] [--defective DIR [--masks DIR]]; "
+                "synthetic: --kind texture|object"
+        + ("" if required else " (default: the run folder's data.json)"))
+    group.add_argument("--dataset", choices=("mvtec", "btad", "folder", "synthetic"),
+                       required=required)
+    group.add_argument("--root", type=Path, help="dataset root (mvtec, btad)")
+    group.add_argument("--category", help="MVTec AD category, e.g. bottle")
+    group.add_argument("--product", help="BTAD product: 01, 02 or 03")
+    group.add_argument("--good", type=Path, help="folder of normal training images")
+    group.add_argument("--test-good", type=Path,
+                       help="folder of normal test images (never the training ones)")
+    group.add_argument("--defective", type=Path, help="folder of defective test images")
+    group.add_argument("--masks", type=Path, help="folder of their masks (same stems)")
+    group.add_argument("--kind", choices=_DEMO_KINDS, help="synthetic product kind")
+    group.add_argument("--train-images", type=int, default=128,
+                       help="synthetic training images (default: 128)")
+    group.add_argument("--test-images", type=int, default=64,
+                       help="synthetic test images (default: 64)")
+    group.add_argument("--data-seed", type=int, default=0, help="synthetic seed (default: 0)")
+    group.add_argument("--full-range-aupro", action=argparse.BooleanOptionalAction,
+                       default=False, help="also report the full-range AUPRO (fpr_limit=1; "
+                                           "not comparable to AUPRO@0.3)")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser,
+                      defaults: dict[str, Any] | None = None) -> None:
+    """One flag per config field; unset flags keep the config's (or the dataset's) default."""
+    group = parser.add_argument_group(
+        "config", "settings of PyramidFlowConfig; with --dataset mvtec, volume_norm, levels and "
+                  "augment default to the paper's per-category recipe (mvtec_defaults)")
+    helps = _field_help()
+    shown = PyramidFlowConfig().to_dict() | (defaults or {})
+    for field in dataclasses.fields(PyramidFlowConfig):
+        default = shown[field.name]
+        options: dict[str, Any] = {
+            "dest": f"config.{field.name}", "default": argparse.SUPPRESS,
+            "help": f"{helps.get(field.name, field.name)} (default: {default})",
+        }
+        if isinstance(default, bool):
+            options["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, tuple):
+            options |= {"nargs": 2, "type": float, "metavar": ("B1", "B2")}
+        elif isinstance(default, (int, float)):
+            options |= {"type": type(default), "metavar": "N" if isinstance(default, int)
+                        else "X"}
+        else:
+            options["metavar"] = "PATH" if field.name.endswith("weights") else "NAME"
+        group.add_argument("--" + field.name.replace("_", "-"), **options)
+
+
+def _field_help() -> dict[str, str]:
+    """First sentence of each field's entry under ``Attributes:`` in the config docstring."""
+    helps: dict[str, str] = {}
+    section = (PyramidFlowConfig.__doc__ or "").split("Attributes:", 1)[-1]
+    for names, text in re.findall(r"^\s{8}(\w+(?:, \w+)*): (.+?)(?=^\s{8}\w|\Z)", section,
+                                  flags=re.MULTILINE | re.DOTALL):
+        sentence = " ".join(text.split()).replace("``", "").replace("%", "%%")
+        for name in names.split(", "):
+            helps[name] = sentence
+    return helps
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {key.removeprefix("config."): value for key, value in vars(args).items()
+            if key.startswith("config.")}
+
+
+def _make_config(base: dict[str, Any], args: argparse.Namespace) -> PyramidFlowConfig:
+    return PyramidFlowConfig.from_dict(PyramidFlowConfig().to_dict() | base | _overrides(args))
+
+
+# --- datasets ---------------------------------------------------------------------------------
+
+
+def _data_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The dataset flags that matter for ``args.dataset``, checked, as JSON-able values."""
+    needed = {"mvtec": ("root", "category"), "btad": ("root", "product"), "folder": ("good",),
+              "synthetic": ("kind",)}[args.dataset]
+    missing = [f"--{name}" for name in needed if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"--dataset {args.dataset} needs {' and '.join(missing)}")
+    spec: dict[str, Any] = {"dataset": args.dataset}
+    keys = {"mvtec": ("root", "category"), "btad": ("root", "product"),
+            "folder": ("good", "test_good", "defective", "masks"),
+            "synthetic": ("kind", "train_images", "test_images", "data_seed")}[args.dataset]
+    for key in keys:
+        value = getattr(args, key)
+        spec[key] = str(value) if isinstance(value, Path) else value
+    return spec
+
+
+def _category(spec: dict[str, Any]) -> str:
+    """The results' name of a dataset: its category, product or kind, or ``parent-folder``."""
+    if spec["dataset"] == "folder":
+        good = Path(spec["good"]).resolve()  # e.g. parts/ok: "parts-ok", not a bare "ok"
+        return f"{good.parent.name}-{good.name}"
+    return str(spec[{"mvtec": "category", "btad": "product", "synthetic": "kind"}[
+        spec["dataset"]]])
+
+
+def _datasets(spec: dict[str, Any], image_size: int, split: str) -> Any:
+    """The ``split`` ("train" or "test") dataset of a spec; None for a folder without a test."""
+    kind = spec["dataset"]
+    if kind == "mvtec":
+        return MVTecAD(spec["root"], spec["category"], split, image_size)
+    if kind == "btad":
+        return BTAD(spec["root"], spec["product"], split, image_size)
+    if kind == "synthetic":
+        count = spec["train_images"] if split == "train" else spec["test_images"]
+        return SyntheticDefects(spec["kind"], split, count, image_size, seed=spec["data_seed"])
+    if split == "train":
+        return ImageFolder(spec["good"], image_size=image_size)
+    if spec["defective"] is None and spec["test_good"] is None:
+        return None
+    test = ImageFolder(spec["test_good"] or spec["good"], spec["defective"], spec["masks"],
+                       image_size=image_size)
+    if spec["test_good"] is None:
+        # The normal images of --good were trained on; testing on them would flatter the model.
+        test.records = [record for record in test.records if record.label == 1]
+        logger.info("no --test-good folder: the test set has defective images only")
+    return test
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def _demo(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    config = _make_config(DEMO_DEFAULTS, args)
+    results = {}
+    for kind in _DEMO_KINDS:
+        spec = {"dataset": "synthetic", "kind": kind, "train_images": args.train_images,
+                "test_images": args.test_images, "data_seed": args.data_seed}
+        folder = args.out / kind
+        detector = _fit(config, spec, folder, args, resume=None)
+        test_set = _datasets(spec, config.image_size, "test")
+        results[kind] = _report(detector, test_set, folder, args.panels,
+                                full_range_aupro=False, workers=args.workers)
+    write_results(results, args.out, extra={"config": config.to_dict()})
+    elapsed = time.perf_counter() - started
+    print(results_table(results))
+    print(f"\ndemo finished in {elapsed:.1f} s; results, heatmaps and templates in {args.out}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    spec = _data_spec(args)
+    base = mvtec_defaults(spec["category"]) if spec["dataset"] == "mvtec" else {}
+    folder = args.out or Path("runs") / f"{spec['dataset']}-{_category(spec)}"
+    resume = None
+    if args.resume is not None:
+        resume = (latest_checkpoint(folder / "checkpoints") if args.resume == _LATEST
+                  else Path(args.resume))
+        base = load_checkpoint(resume)["config"].to_dict()
+    config = _make_config(base, args)
+    detector = _fit(config, spec, folder, args, resume=resume)
+    if args.evaluate:
+        test_set = _datasets(spec, config.image_size, "test")
+        if test_set is None:
+            logger.info("no test images (pass --defective and --test-good): not evaluated")
+        else:
+            results = {_category(spec): _report(detector, test_set, folder, args.panels,
+                                                args.full_range_aupro, args.workers)}
+            write_results(results, folder, extra={"config": config.to_dict()})
+            print(results_table(results))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    checkpoint, folder = _resolve_source(args.source)
+    detector = Detector.load(checkpoint, device=args.device)
+    if args.dataset is None:
+        stored = folder / "data.json"
+        if not stored.is_file():
+            raise ValueError(f"pass --dataset and its flags: {folder} has no data.json")
+        spec = json.loads(stored.read_text())
+    else:
+        spec = _data_spec(args)
+    test_set = _datasets(spec, detector.config.image_size, "test")
+    if test_set is None:
+        raise ValueError("the folder dataset has no test images: pass --defective "
+                         "(and --masks, --test-good)")
+    out = args.out or folder
+    results = {_category(spec): _report(detector, test_set, out, args.panels,
+                                        args.full_range_aupro, args.workers)}
+    write_results(results, out, extra={"config": detector.config.to_dict(),
+                                       "checkpoint": str(checkpoint)})
+    print(results_table(results))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    checkpoint, folder = _resolve_source(args.source)
+    detector = Detector.load(checkpoint, device=args.device)
+    images = ImageFolder(args.images, image_size=detector.config.image_size)
+    out = args.out or folder / "predictions" / args.images.name
+    prediction = detector.predict(images, batch_size=detector.config.batch_size)
+    thresholds = detector.thresholds
+    # With thresholds, a fixed scale puts the pixel threshold mid-colormap in every call.
+    scale = ((0.0, 2 * thresholds.pixel) if thresholds is not None
+             else color_range(prediction.maps.numpy()))
+    template = _template(detector)
+    rows = []
+    for index, record in enumerate(images.records):
+        sample = images[index]
+        save_panel(out / "heatmaps" / f"{record.image.stem}.png", sample["image"].numpy(),
+                   prediction.maps[index].numpy(), template=template, color_scale=scale,
+                   mask=None if prediction.masks is None else prediction.masks[index].numpy(),
+                   mask_title="predicted defects")
+        verdict = ("unknown" if prediction.verdicts is None
+                   else "defective" if prediction.verdicts[index] else "normal")
+        rows.append({
+            "path": str(record.image),
+            "score": float(prediction.scores[index]),
+            "verdict": verdict,
+            "defective_pixels": None if prediction.masks is None
+            else float(prediction.masks[index].float().mean()),
+        })
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "scores.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "scores.json").write_text(json.dumps({
+        "checkpoint": str(checkpoint),
+        "thresholds": None if thresholds is None else dataclasses.asdict(thresholds),
+        "resolution": [detector.config.image_size] * 2,
+        "images": rows,
+    }, indent=2) + "\n")
+    defective = sum(row["verdict"] == "defective" for row in rows)
+    print(f"{len(rows)} images, {defective} judged defective; scores and heatmaps in {out}")
+    return 0
+
+
+# --- shared steps -----------------------------------------------------------------------------
+
+
+def _fit(config: PyramidFlowConfig, spec: dict[str, Any], folder: Path,
+         args: argparse.Namespace, resume: Path | None) -> Detector:
+    """Train a detector for a run folder, writing its config, data spec and model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    (folder / "data.json").write_text(json.dumps(spec, indent=2) + "\n")
+    train_set = _datasets(spec, config.image_size, "train")
+    logger.info("training %s on %d images at %d×%d", folder.name, len(train_set),
+                config.image_size, config.image_size)
+    started = time.perf_counter()
+    detector = Detector(config, device=args.device).fit(
+        train_set, checkpoint_dir=folder / "checkpoints", resume=resume,
+        num_workers=args.workers, progress=args.progress)
+    logger.info("trained %s in %.1f s", folder.name, time.perf_counter() - started)
+    detector.save(folder / _MODEL_FILE)
+    template = _template(detector)
+    if template is not None:
+        save_image(folder / "image_template.png", template, min_side=128)
+    return detector
+
+
+def _template(detector: Detector) -> Any:
+    if detector.config.front != "lifting":
+        return None  # the ResNet-18 stem has no inverse, hence no image template
+    return detector.image_template().numpy()
+
+
+def _report(detector: Detector, test_set: AnomalyImageDataset | SyntheticDefects, folder: Path,
+            panels: int, full_range_aupro: bool, workers: int) -> dict[str, Any]:
+    """Metrics of a test set, plus heatmap panels of its first images (defective first)."""
+    if detector.model is None:
+        raise RuntimeError("cannot evaluate a detector that is not fitted")
+    maps, masks, labels = collect_maps(detector.model, test_set,
+                                       batch_size=detector.config.batch_size,
+                                       num_workers=workers)
+    has_masks = getattr(test_set, "has_masks", True)
+    metrics = metrics_from_maps(maps, masks, labels, has_masks=has_masks,
+                                full_range_aupro=full_range_aupro)
+    template = _template(detector)
+    scale = color_range(maps.numpy())
+    chosen = sorted(range(len(labels)), key=lambda i: -int(labels[i]))[:max(panels, 0)]
+    for index in chosen:
+        sample = test_set[index]
+        source = Path(sample["path"])  # e.g. .../test/crack/000.png: name it crack-000.png
+        save_panel(folder / "heatmaps" / f"{source.parent.name}-{source.stem}.png",
+                   sample["image"].numpy(), maps[index].numpy(), template=template,
+                   color_scale=scale, mask=masks[index].numpy() if has_masks else None)
+    return metrics
+
+
+def _resolve_source(source: Path) -> tuple[Path, Path]:
+    """``(checkpoint, run folder)`` of a run folder or a checkpoint file."""
+    if source.is_dir():
+        checkpoint = source / _MODEL_FILE
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"run folder '{source}' has no {_MODEL_FILE}; pass a "
+                                    "checkpoint file instead, e.g. checkpoints/epoch-NNN.pt")
+        return checkpoint, source
+    if not source.is_file():
+        raise FileNotFoundError(f"'{source}' is neither a run folder nor a checkpoint file")
+    folder = source.parent.parent if source.parent.name == "checkpoints" else source.parent
+    return source, folder

@@ -1,0 +1,457 @@
+"""Training a PyramidFlow model, then calibrating its template and decision thresholds.
+
+The recipe follows the paper (Sec. 3.3, 4.4) and its public code: Adam, gradient-norm
+clipping, a fixed number of epochs (no model selection on test data), the Fourier loss (eq. 9)
+over all pairs of a batch of normal images, and random flips and 90° rotations for textures.
+After training, in eval mode:
+
+* the latent template is the mean latent of the training images (eq. 10's ``z̄_d``);
+* a ``config.holdout`` fraction of the normal training images (at least one image), drawn by
+  the seed and never trained on, sets the decision thresholds: the image threshold is the
+  ``config.image_quantile`` quantile of their image scores (the maximum of each anomaly map),
+  the pixel threshold the ``config.pixel_quantile`` quantile of all their pixel scores.
+
+Every random choice follows ``config.seed``: the model's initialisation, the held-out split,
+and per epoch the shuffling and the augmentation, each seeded by ``(seed, epoch)``. A run
+resumed from an epoch's checkpoint therefore ends with exactly the weights of an uninterrupted
+run.
+
+A checkpoint is one ``torch.save`` file of plain tensors, numbers, strings, lists and dicts
+(loaded with ``weights_only=True``)::
+
+    format      "pyramidflow-checkpoint"       version     1
+    config      the config as a JSON string    epoch       epochs completed
+    model       the model's state dict         optimizer   Adam's state dict, or None
+    template    per-level latent template, or None until training ends
+    thresholds  {"image": float, "pixel": float}, or None
+    holdout     indices of the held-out images, or None
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from .config import PyramidFlowConfig
+from .inference import ImageSource, anomaly_maps, as_dataset, latent_sums, to_image_batch
+from .model import PyramidFlow
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "Thresholds",
+    "TrainingResult",
+    "augment",
+    "calibrate",
+    "check_training_config",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "model_from_checkpoint",
+    "save_checkpoint",
+    "split_holdout",
+    "train",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "pyramidflow-checkpoint"
+_CHECKPOINT_VERSION = 1
+_CHECKPOINT_KEYS = ("format", "version", "config", "epoch", "model", "optimizer", "template",
+                    "thresholds", "holdout")
+# Settings that may differ when resuming: more epochs continue a finished run.
+_RESUMABLE_CHANGES = ("epochs",)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Decision thresholds calibrated on held-out normal images.
+
+    Attributes:
+        image: An image whose score (the maximum of its anomaly map) exceeds this is defective.
+        pixel: A pixel whose anomaly score exceeds this is defective.
+    """
+
+    image: float
+    pixel: float
+
+
+@dataclass
+class TrainingResult:
+    """What :func:`train` produces.
+
+    Attributes:
+        model: The trained model in eval mode, its latent template set.
+        thresholds: Held-out thresholds, or None when ``config.holdout`` is 0.
+        train_indices: Dataset indices trained on (and averaged into the template).
+        holdout_indices: Dataset indices held out for the thresholds.
+        losses: Mean training loss of each epoch run by this call.
+        checkpoint: Path of the final checkpoint, when a checkpoint folder was given.
+    """
+
+    model: PyramidFlow
+    thresholds: Thresholds | None
+    train_indices: list[int]
+    holdout_indices: list[int]
+    losses: list[float] = field(default_factory=list)
+    checkpoint: Path | None = None
+
+
+def check_training_config(config: PyramidFlowConfig) -> None:
+    """Reject optimiser, threshold and seed settings that would fail or mislead mid-run.
+
+    :class:`PyramidFlowConfig` checks the model's settings; these are the training's.
+
+    Raises:
+        ValueError: Naming the setting, what it must be and what it is.
+    """
+
+    def require(ok: bool, name: str, expected: str) -> None:
+        if not ok:
+            raise ValueError(f"config.{name} must be {expected}, received "
+                             f"{getattr(config, name)!r}")
+
+    def number(value: Any) -> bool:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and bool(np.isfinite(value)))
+
+    require(isinstance(config.batch_size, int) and not isinstance(config.batch_size, bool),
+            "batch_size", "an int of at least 2")
+    require(number(config.learning_rate) and config.learning_rate > 0, "learning_rate",
+            "a positive number")
+    require(len(config.betas) == 2 and all(number(b) and 0 <= b < 1 for b in config.betas),
+            "betas", "two numbers in [0, 1)")
+    require(number(config.eps) and config.eps > 0, "eps", "a positive number")
+    require(number(config.weight_decay) and config.weight_decay >= 0, "weight_decay",
+            "a number of at least 0")
+    require(number(config.grad_clip) and config.grad_clip > 0, "grad_clip", "a positive number")
+    for name in ("image_quantile", "pixel_quantile"):
+        value = getattr(config, name)
+        require(number(value) and 0 <= value <= 1, name, "a quantile in [0, 1]")
+    require(isinstance(config.seed, int) and not isinstance(config.seed, bool)
+            and config.seed >= 0, "seed", "a non-negative int")
+
+
+def split_holdout(num_images: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split ``range(num_images)`` into training and held-out indices, by the seed.
+
+    Args:
+        num_images: Number of normal training images.
+        fraction: Share held out; any positive fraction holds out at least one image.
+        seed: The run's seed.
+
+    Returns:
+        ``(train_indices, holdout_indices)``, each sorted.
+
+    Raises:
+        ValueError: If nothing would be left to train on.
+
+    Example:
+        >>> split_holdout(10, 0.2, seed=0)
+        ([0, 2, 3, 4, 5, 6, 7, 8], [1, 9])
+    """
+    held = 0 if fraction == 0 else max(1, round(fraction * num_images))
+    if held >= num_images:
+        raise ValueError(f"holding out {held} of {num_images} images leaves none to train on; "
+                         "provide more normal images or lower config.holdout")
+    order = np.random.default_rng([seed, 1]).permutation(num_images)
+    return sorted(order[held:].tolist()), sorted(order[:held].tolist())
+
+
+def augment(images: Tensor, generator: torch.Generator) -> Tensor:
+    """Flip horizontally, flip vertically and rotate by 90°, each with probability 0.5.
+
+    Args:
+        images: ``(B, C, S, S)`` square images.
+        generator: Source of the random choices.
+
+    Returns:
+        The augmented images (same shape).
+    """
+    choices = torch.rand(len(images), 3, generator=generator) < 0.5
+    pick = choices.to(images.device)[:, :, None, None, None]
+    images = torch.where(pick[:, 0], images.flip(-1), images)
+    images = torch.where(pick[:, 1], images.flip(-2), images)
+    return torch.where(pick[:, 2], images.rot90(1, (-2, -1)), images)
+
+
+def train(
+    config: PyramidFlowConfig,
+    data: ImageSource,
+    *,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    resume: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    progress: bool = True,
+) -> TrainingResult:
+    """Train on normal images, then set the latent template and the held-out thresholds.
+
+    Seeds torch's and NumPy's global generators with ``config.seed`` before building the model.
+
+    Args:
+        config: The run's settings.
+        data: Normal training images: a dataset of samples, an ``(N, 3, H, W)`` tensor or a
+            list of ``(3, H, W)`` tensors, floats in ``[0, 1]`` (resized to
+            ``config.image_size`` with bilinear interpolation when their size differs).
+        checkpoint_dir: Folder for ``epoch-NNN.pt`` checkpoints (one per epoch; the last one
+            also gets the template and thresholds). None writes nothing.
+        resume: A checkpoint of an earlier run on the same data and config (``epochs`` may be
+            raised) to continue from.
+        device: Where to train.
+        num_workers: DataLoader worker processes.
+        progress: Show tqdm progress bars for epochs and batches.
+
+    Returns:
+        The trained model with its template, thresholds and split.
+
+    Raises:
+        ValueError: On a bad training setting (see :func:`check_training_config`), too few
+            images for a batch after the hold-out, or a checkpoint to resume from that belongs
+            to another config or data split.
+        FloatingPointError: If the loss becomes NaN or infinite (naming the epoch and step).
+
+    Example:
+        >>> config = PyramidFlowConfig(channels=4, levels=2, depth=1, kernel_size=3,
+        ...                            image_size=16, epochs=1, holdout=0.25)
+        >>> result = train(config, torch.rand(8, 3, 16, 16), progress=False)
+        >>> len(result.train_indices), len(result.holdout_indices), result.thresholds is None
+        (6, 2, False)
+    """
+    check_training_config(config)
+    dataset = as_dataset(data, config.image_size)
+    train_indices, holdout_indices = split_holdout(len(dataset), config.holdout, config.seed)
+    if len(train_indices) < config.batch_size:
+        raise ValueError(
+            f"{len(train_indices)} training images (after holding out {len(holdout_indices)}) "
+            f"are fewer than config.batch_size={config.batch_size}; provide more images"
+        )
+    torch.manual_seed(config.seed)
+    # Our own draws use seeded generators; this covers datasets that draw from the global one.
+    np.random.seed(config.seed)  # noqa: NPY002
+    model = PyramidFlow(config).to(device)
+    optimizer = torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
+        betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
+    )
+    start = 0
+    if resume is not None:
+        start = _resume(resume, model, optimizer, config, holdout_indices)
+
+    folder = None if checkpoint_dir is None else Path(checkpoint_dir)
+    train_set = Subset(dataset, train_indices)
+    generator = torch.Generator()
+    loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=True,
+                        num_workers=num_workers, generator=generator)
+    losses: list[float] = []
+    last_checkpoint = None
+    epochs = tqdm(range(start, config.epochs), desc="epochs", disable=not progress,
+                  initial=start, total=config.epochs)
+    for epoch in epochs:
+        # Seeding by (seed, epoch) makes a resumed run repeat the uninterrupted one exactly.
+        generator.manual_seed(_epoch_seed(config.seed, epoch))
+        augmenter = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch) + 1)
+        loss = _train_epoch(model, optimizer, loader, augmenter, config, epoch, progress)
+        losses.append(loss)
+        epochs.set_postfix(loss=f"{loss:.4g}")
+        logger.info("epoch %d/%d: mean loss %.5g", epoch + 1, config.epochs, loss)
+        if folder is not None:
+            last_checkpoint = folder / f"epoch-{epoch + 1:03d}.pt"
+            save_checkpoint(last_checkpoint, model, epoch=epoch + 1, optimizer=optimizer,
+                            holdout=holdout_indices)
+
+    model.eval()
+    model.set_template(*latent_sums(model, train_set, batch_size=config.batch_size,
+                                    num_workers=num_workers))
+    thresholds = None
+    if holdout_indices:
+        thresholds = calibrate(model, Subset(dataset, holdout_indices), num_workers=num_workers)
+        logger.info("thresholds from %d held-out images: image %.5g, pixel %.5g",
+                    len(holdout_indices), thresholds.image, thresholds.pixel)
+    else:
+        logger.warning("config.holdout is 0: no images held out, so no decision thresholds")
+    if folder is not None:
+        last_checkpoint = folder / f"epoch-{config.epochs:03d}.pt"
+        save_checkpoint(last_checkpoint, model, epoch=config.epochs, optimizer=optimizer,
+                        thresholds=thresholds, holdout=holdout_indices)
+    return TrainingResult(model, thresholds, train_indices, holdout_indices, losses,
+                          last_checkpoint)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def _train_epoch(model: PyramidFlow, optimizer: torch.optim.Optimizer, loader: DataLoader,
+                 augmenter: torch.Generator, config: PyramidFlowConfig, epoch: int,
+                 progress: bool) -> float:
+    """One pass over the training images; returns the mean loss."""
+    model.train()
+    device = next(model.parameters()).device
+    total, steps = 0.0, len(loader)
+    batches = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
+    for step, batch in enumerate(batches):
+        images = to_image_batch(batch["image"], config.image_size).to(device)
+        if config.augment:
+            images = augment(images, augmenter)
+        loss = model.loss(model(images))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the training loss is {loss.item()} at epoch {epoch + 1}/{config.epochs}, "
+                f"step {step + 1}/{steps}; training stopped. Check the images for NaN, or "
+                f"lower config.learning_rate (now {config.learning_rate})"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        total += loss.item()
+        batches.set_postfix(loss=f"{loss.item():.4g}")
+    return total / steps
+
+
+def calibrate(model: PyramidFlow, holdout: ImageSource, *, num_workers: int = 0) -> Thresholds:
+    """Decision thresholds from the anomaly maps of held-out normal images.
+
+    Args:
+        model: A trained model with its template.
+        holdout: Normal images never trained on.
+        num_workers: DataLoader worker processes.
+
+    Returns:
+        The ``config.image_quantile`` quantile of the image scores (map maxima) and the
+        ``config.pixel_quantile`` quantile of all pixel scores.
+    """
+    config = model.config
+    maps = anomaly_maps(model, holdout, batch_size=config.batch_size,
+                        num_workers=num_workers).double().numpy()
+    image_scores = maps.reshape(len(maps), -1).max(axis=1)
+    return Thresholds(image=float(np.quantile(image_scores, config.image_quantile)),
+                      pixel=float(np.quantile(maps, config.pixel_quantile)))
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: PyramidFlow,
+    *,
+    epoch: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    thresholds: Thresholds | None = None,
+    holdout: list[int] | None = None,
+) -> Path:
+    """Write a checkpoint (see the module docstring) atomically, creating its folder.
+
+    Returns:
+        The checkpoint's path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "version": _CHECKPOINT_VERSION,
+        "config": json.dumps(model.config.to_dict()),
+        "epoch": int(epoch),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "template": None if model.template is None
+        else [t.detach().cpu() for t in model.template],
+        "thresholds": None if thresholds is None
+        else {"image": thresholds.image, "pixel": thresholds.pixel},
+        "holdout": None if holdout is None else [int(i) for i in holdout],
+    }
+    # Written aside and renamed, so an interrupted save never leaves a truncated checkpoint.
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check a checkpoint written by :func:`save_checkpoint`.
+
+    Returns:
+        The checkpoint's dict, with ``config`` parsed into a :class:`PyramidFlowConfig` and
+        ``thresholds`` into :class:`Thresholds` (or None).
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If the file is not a PyramidFlow checkpoint of a known version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for foreign or corrupt files
+        raise ValueError(f"'{path}' is not a readable PyramidFlow checkpoint: {error}") from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"'{path}' is not a PyramidFlow checkpoint (expected a dict with "
+                         f"format={CHECKPOINT_FORMAT!r})")
+    if state.get("version") != _CHECKPOINT_VERSION:
+        raise ValueError(f"'{path}' has checkpoint version {state.get('version')!r}; this code "
+                         f"reads version {_CHECKPOINT_VERSION}")
+    missing = [key for key in _CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"checkpoint '{path}' lacks the entries {missing}")
+    state = dict(state)
+    state["config"] = PyramidFlowConfig.from_dict(json.loads(state["config"]))
+    if state["thresholds"] is not None:
+        state["thresholds"] = Thresholds(**state["thresholds"])
+    return state
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any],
+                          device: str | torch.device = "cpu") -> PyramidFlow:
+    """Rebuild the model of a loaded checkpoint, with its weights and template, in eval mode."""
+    model = PyramidFlow(checkpoint["config"])
+    model.load_state_dict(checkpoint["model"])
+    if checkpoint["template"] is not None:
+        # A stored template already has its batch axis: a "sum" over one image.
+        model.set_template(tuple(checkpoint["template"]), 1)
+    return model.to(device).eval()
+
+
+def latest_checkpoint(folder: str | os.PathLike[str]) -> Path:
+    """The ``epoch-NNN.pt`` checkpoint with the most epochs in ``folder``.
+
+    Raises:
+        FileNotFoundError: If ``folder`` holds no such checkpoint.
+    """
+    found = sorted(Path(folder).glob("epoch-*.pt"))
+    if not found:
+        raise FileNotFoundError(f"no epoch-NNN.pt checkpoint in '{folder}' to resume from")
+    return found[-1]
+
+
+def _resume(path: str | os.PathLike[str], model: PyramidFlow, optimizer: torch.optim.Optimizer,
+            config: PyramidFlowConfig, holdout: list[int]) -> int:
+    """Load a checkpoint's weights and optimizer state; returns its epoch."""
+    checkpoint = load_checkpoint(path)
+    stored, current = checkpoint["config"].to_dict(), config.to_dict()
+    changed = sorted(k for k in current
+                     if stored[k] != current[k] and k not in _RESUMABLE_CHANGES)
+    if changed:
+        details = ", ".join(f"{k}: {stored[k]!r} -> {current[k]!r}" for k in changed)
+        raise ValueError(f"cannot resume from '{path}': its config differs in {details} "
+                         f"(only {list(_RESUMABLE_CHANGES)} may change)")
+    if checkpoint["holdout"] is not None and checkpoint["holdout"] != holdout:
+        raise ValueError(f"cannot resume from '{path}': it held out other images "
+                         "(a different dataset or size); resume on the same training data")
+    if checkpoint["optimizer"] is None:
+        raise ValueError(f"cannot resume from '{path}': it has no optimizer state (a saved "
+                         "detector, not a training checkpoint)")
+    if checkpoint["epoch"] > config.epochs:
+        raise ValueError(f"cannot resume from '{path}': it has {checkpoint['epoch']} epochs, "
+                         f"more than config.epochs={config.epochs}")
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    logger.info("resuming from '%s' after epoch %d", path, checkpoint["epoch"])
+    return checkpoint["epoch"]
