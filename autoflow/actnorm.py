@@ -16,19 +16,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import InvertibleModule, Shape, check_image, check_image_shape
+from .base import InvertibleModule, Shape, check_dtype, check_image, check_image_shape
 from .errors import AutoflowError
 
 __all__ = ["ActNorm"]
-
-
-def _check_dtype(x: Tensor, reference: Tensor, name: str) -> None:
-    # Mixing dtypes would silently promote; the module's dtype is the one the user chose.
-    if x.dtype != reference.dtype:
-        raise AutoflowError(
-            f"ActNorm expected a {reference.dtype} {name} (its parameters' dtype), received "
-            f"{x.dtype}; convert the module with .to({x.dtype}) or the input"
-        )
 
 
 class ActNorm(InvertibleModule):
@@ -102,7 +93,7 @@ class ActNorm(InvertibleModule):
             AutoflowError: If ``x``'s dtype differs from the parameters'.
         """
         check_image(x, self.channels, self)
-        _check_dtype(x, self.log_scale, "input")
+        check_dtype(x, self.log_scale, self)
         if self.training and not bool(self.initialized):
             self.initialize(x)
         y = (x + self.bias) * self.log_scale.exp()
@@ -122,7 +113,7 @@ class ActNorm(InvertibleModule):
             AutoflowError: If ``y``'s dtype differs from the parameters'.
         """
         check_image(y, self.channels, self)
-        _check_dtype(y, self.log_scale, "input")
+        check_dtype(y, self.log_scale, self)
         x = y * (-self.log_scale).exp() - self.bias
         return x, -self._logdet(y)
 

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .errors import NotBijectiveError, ShapeError
+from .errors import AutoflowError, NotBijectiveError, ShapeError
 
 __all__ = [
     "State",
@@ -210,3 +210,16 @@ def check_image_shape(shape: Shape, channels: int | None, module: nn.Module) -> 
             f"{type(module).__name__} expected {channels} channels, received shape {shape}"
         )
     return tuple(shape)  # type: ignore[return-value]
+
+
+def check_dtype(x: Tensor, reference: Tensor, module: nn.Module, name: str = "input") -> None:
+    """Check that ``x`` has the dtype of ``module``'s parameter ``reference``.
+
+    Mixing dtypes would either promote silently or fail deep inside ``F.conv2d`` with a bare
+    ``RuntimeError``; the module's dtype is the one the user chose.
+    """
+    if x.dtype != reference.dtype:
+        raise AutoflowError(
+            f"{type(module).__name__} expected a {reference.dtype} {name} (its parameters' "
+            f"dtype), received {x.dtype}; convert the module with .to({x.dtype}) or the input"
+        )

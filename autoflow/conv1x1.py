@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import InvertibleModule, Shape, check_image, check_image_shape
+from .base import InvertibleModule, Shape, check_dtype, check_image, check_image_shape
 from .errors import AutoflowError
 
 __all__ = ["InvConv1x1", "LiftingConv1x1"]
@@ -34,15 +34,6 @@ def _check_count(value: object, name: str, owner: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise AutoflowError(f"{owner} expected {name} to be a positive int, received {value!r}")
     return value
-
-
-def _check_dtype(x: Tensor, weight: Tensor, module: nn.Module, name: str) -> None:
-    # F.conv2d would fail with a bare RuntimeError; say what to do instead.
-    if x.dtype != weight.dtype:
-        raise AutoflowError(
-            f"{type(module).__name__} expected a {weight.dtype} {name} (its parameters' dtype), "
-            f"received {x.dtype}; convert the module with .to({x.dtype}) or the input"
-        )
 
 
 def _per_sample(value: Tensor, x: Tensor) -> Tensor:
@@ -151,7 +142,7 @@ class InvConv1x1(InvertibleModule):
             AutoflowError: If ``x``'s dtype differs from the parameters'.
         """
         check_image(x, self.channels, self)
-        _check_dtype(x, self.log_scale, self, "input")
+        check_dtype(x, self.log_scale, self, "input")
         y = F.conv2d(x, self.weight()[:, :, None, None])
         return y, self._logdet(x)
 
@@ -169,7 +160,7 @@ class InvConv1x1(InvertibleModule):
             AutoflowError: If ``y``'s dtype differs from the parameters'.
         """
         check_image(y, self.channels, self)
-        _check_dtype(y, self.log_scale, self, "input")
+        check_dtype(y, self.log_scale, self, "input")
         x = F.conv2d(y, self.inverse_weight()[:, :, None, None])
         return x, -self._logdet(y)
 
@@ -268,7 +259,7 @@ class LiftingConv1x1(InvertibleModule):
             AutoflowError: If ``W`` is numerically rank-deficient or the dtype differs.
         """
         check_image(x, self.in_channels, self)
-        _check_dtype(x, self.weight, self, "input")
+        check_dtype(x, self.weight, self, "input")
         _, r = self._qr()
         return F.conv2d(x, self.weight[:, :, None, None]), self._volume(r, x)
 
@@ -287,7 +278,7 @@ class LiftingConv1x1(InvertibleModule):
             AutoflowError: If ``W`` is numerically rank-deficient or the dtype differs.
         """
         check_image(y, self.channels, self)
-        _check_dtype(y, self.weight, self, "input")
+        check_dtype(y, self.weight, self, "input")
         q, r = self._qr()
         pinv = torch.linalg.solve_triangular(r, q.T, upper=True)
         return F.conv2d(y, pinv[:, :, None, None]), -self._volume(r, y)

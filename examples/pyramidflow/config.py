@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,7 +85,8 @@ class PyramidFlowConfig:
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"config.{name} must be one of {allowed}, received {value!r}")
-        for name in ("channels", "levels", "depth", "kernel_size", "image_size", "epochs"):
+        for name in ("channels", "levels", "depth", "kernel_size", "image_size", "epochs",
+                     "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"config.{name} must be a positive int, received {value!r}")
@@ -107,6 +109,34 @@ class PyramidFlowConfig:
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"config.holdout must be in [0, 1), received {self.holdout}")
         self.betas = tuple(self.betas)  # JSON round trips give lists
+        self._check_training()
+
+    def _check_training(self) -> None:
+        """Reject optimiser, threshold and seed settings that would fail or mislead mid-run."""
+
+        def require(ok: bool, name: str, expected: str) -> None:
+            if not ok:
+                raise ValueError(f"config.{name} must be {expected}, received "
+                                 f"{getattr(self, name)!r}")
+
+        def number(value: Any) -> bool:
+            return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and math.isfinite(value))
+
+        require(number(self.learning_rate) and self.learning_rate > 0, "learning_rate",
+                "a positive number")
+        require(len(self.betas) == 2 and all(number(b) and 0 <= b < 1 for b in self.betas),
+                "betas", "two numbers in [0, 1)")
+        require(number(self.eps) and self.eps > 0, "eps", "a positive number")
+        require(number(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
+                "a number of at least 0")
+        require(number(self.grad_clip) and self.grad_clip > 0, "grad_clip",
+                "a positive number")
+        for name in ("image_quantile", "pixel_quantile"):
+            value = getattr(self, name)
+            require(number(value) and 0 <= value <= 1, name, "a quantile in [0, 1]")
+        require(isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                and self.seed >= 0, "seed", "a non-negative int")
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain JSON-compatible values."""

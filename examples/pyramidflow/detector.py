@@ -28,7 +28,6 @@ from .inference import ImageSource, anomaly_maps
 from .model import PyramidFlow
 from .train import (
     Thresholds,
-    check_training_config,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
@@ -80,7 +79,6 @@ class Detector:
                             f"{type(config).__name__}")
         base = (config or PyramidFlowConfig()).to_dict()
         self.config = PyramidFlowConfig.from_dict(base | overrides)
-        check_training_config(self.config)
         self.device = torch.device(device)
         self.model: PyramidFlow | None = None
         self.thresholds: Thresholds | None = None

@@ -52,7 +52,6 @@ __all__ = [
     "TrainingResult",
     "augment",
     "calibrate",
-    "check_training_config",
     "latest_checkpoint",
     "load_checkpoint",
     "model_from_checkpoint",
@@ -103,41 +102,6 @@ class TrainingResult:
     holdout_indices: list[int]
     losses: list[float] = field(default_factory=list)
     checkpoint: Path | None = None
-
-
-def check_training_config(config: PyramidFlowConfig) -> None:
-    """Reject optimiser, threshold and seed settings that would fail or mislead mid-run.
-
-    :class:`PyramidFlowConfig` checks the model's settings; these are the training's.
-
-    Raises:
-        ValueError: Naming the setting, what it must be and what it is.
-    """
-
-    def require(ok: bool, name: str, expected: str) -> None:
-        if not ok:
-            raise ValueError(f"config.{name} must be {expected}, received "
-                             f"{getattr(config, name)!r}")
-
-    def number(value: Any) -> bool:
-        return (isinstance(value, (int, float)) and not isinstance(value, bool)
-                and bool(np.isfinite(value)))
-
-    require(isinstance(config.batch_size, int) and not isinstance(config.batch_size, bool),
-            "batch_size", "an int of at least 2")
-    require(number(config.learning_rate) and config.learning_rate > 0, "learning_rate",
-            "a positive number")
-    require(len(config.betas) == 2 and all(number(b) and 0 <= b < 1 for b in config.betas),
-            "betas", "two numbers in [0, 1)")
-    require(number(config.eps) and config.eps > 0, "eps", "a positive number")
-    require(number(config.weight_decay) and config.weight_decay >= 0, "weight_decay",
-            "a number of at least 0")
-    require(number(config.grad_clip) and config.grad_clip > 0, "grad_clip", "a positive number")
-    for name in ("image_quantile", "pixel_quantile"):
-        value = getattr(config, name)
-        require(number(value) and 0 <= value <= 1, name, "a quantile in [0, 1]")
-    require(isinstance(config.seed, int) and not isinstance(config.seed, bool)
-            and config.seed >= 0, "seed", "a non-negative int")
 
 
 def split_holdout(num_images: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -214,7 +178,7 @@ def train(
         The trained model with its template, thresholds and split.
 
     Raises:
-        ValueError: On a bad training setting (see :func:`check_training_config`), too few
+        ValueError: On too few
             images for a batch after the hold-out, or a checkpoint to resume from that belongs
             to another config or data split.
         FloatingPointError: If the loss becomes NaN or infinite (naming the epoch and step).
@@ -226,7 +190,6 @@ def train(
         >>> len(result.train_indices), len(result.holdout_indices), result.thresholds is None
         (6, 2, False)
     """
-    check_training_config(config)
     dataset = as_dataset(data, config.image_size)
     train_indices, holdout_indices = split_holdout(len(dataset), config.holdout, config.seed)
     if len(train_indices) < config.batch_size:

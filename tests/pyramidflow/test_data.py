@@ -11,14 +11,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from examples.pyramidflow.data import (
+from examples.pyramidflow.datasets import (
     BTAD,
-    DEFECT_KINDS,
-    MIN_VISIBLE_CHANGE,
     ImageFolder,
     ImageReadError,
     MaskMatchError,
     MVTecAD,
+)
+from examples.pyramidflow.synthetic import (
+    DEFECT_KINDS,
+    MIN_VISIBLE_CHANGE,
     SyntheticDefects,
 )
 
