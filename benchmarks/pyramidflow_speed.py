@@ -1,0 +1,141 @@
+"""PyramidFlow at the paper's configuration: training-step time, inference speed, 1024² memory.
+
+Configuration: 256×256 images, C=16, L=4, D=4, kernel 7, batch 2 (the paper's defaults).
+Each measurement runs in a fresh process:
+
+* training step (forward, Fourier loss, backward, Adam step, gradient clipping) with the
+  memory-saving engine and with plain autograd: median and spread over ``--steps`` steps after
+  one warm-up step;
+* inference: latent pyramid and anomaly map of batches of 8 images, in eval mode without
+  gradients, images per second (median over ``--steps`` batches);
+* a 1024×1024 training step with the engine: the process's peak resident memory during the step
+  (``VmHWM``, reset through ``/proc/self/clear_refs``), in total and above the resident memory
+  before the step.
+
+Usage::
+
+    python benchmarks/pyramidflow_speed.py     # writes benchmarks/results/pyramidflow_speed.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _status_mib(field: str) -> float:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+) kB", text).group(1)) / 1024
+
+
+def worker(task: str, size: int, steps: int) -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from examples.pyramidflow.config import PyramidFlowConfig
+    from examples.pyramidflow.model import PyramidFlow
+
+    torch.manual_seed(0)
+    config = PyramidFlowConfig(image_size=size, memory_saving=task != "train-autograd")
+    model = PyramidFlow(config)
+    if task == "inference":
+        model.eval()
+        model.set_template(tuple(z[0] for z in model(torch.rand(1, 3, size, size))), 1)
+        images = torch.rand(8, 3, size, size)
+        times = []
+        with torch.no_grad():
+            for _ in range(steps + 1):
+                start = time.perf_counter()
+                model.anomaly_map(model(images), (size, size))
+                times.append(time.perf_counter() - start)
+        per_second = [len(images) / t for t in times[1:]]
+        return {"task": task, "images_per_s": statistics.median(per_second),
+                "min": min(per_second), "max": max(per_second)}
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate,
+                                 betas=config.betas, eps=config.eps,
+                                 weight_decay=config.weight_decay)
+    images = torch.rand(config.batch_size, 3, size, size)
+
+    def step() -> float:
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        model.loss(model(images)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        return time.perf_counter() - start
+
+    step()
+    before = _status_mib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    times = [step() for _ in range(steps)]
+    peak = _status_mib("VmHWM")
+    return {"task": task, "median_s": statistics.median(times), "min": min(times),
+            "max": max(times), "peak_mib": peak, "above_start_mib": peak - before}
+
+
+def spawn(task: str, size: int, steps: int, env: dict) -> dict:
+    cmd = [sys.executable, __file__, "--worker", task, "--size", str(size), "--steps", str(steps)]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    print(row, flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--big", type=int, default=1024)
+    parser.add_argument("--worker")
+    parser.add_argument("--size", type=int, default=256)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.size, args.steps)))
+        return
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    engine = spawn("train-engine", 256, args.steps, env)
+    autograd = spawn("train-autograd", 256, args.steps, env)
+    inference = spawn("inference", 256, args.steps, env)
+    big = spawn("train-engine", args.big, 1, env)
+    lines = [
+        "# PyramidFlow at the paper's configuration",
+        "",
+        f"Command: `python {' '.join(sys.argv)}`",
+        "",
+        f"256×256, C=16, L=4, D=4, kernel 7, batch 2; {platform.machine()}, "
+        f"{os.cpu_count()} cores, torch threads = default. Median (min–max) over {args.steps} "
+        "steps after a warm-up step; each row a fresh process.",
+        "",
+        "| measurement | result | target | met |",
+        "|---|---|---|---|",
+        f"| training step, memory-saving engine | {engine['median_s']:.2f} s "
+        f"({engine['min']:.2f}–{engine['max']:.2f}) | ≤ 2.8 s | "
+        f"{'yes' if engine['median_s'] <= 2.8 else 'no'} |",
+        f"| training step, plain autograd | {autograd['median_s']:.2f} s "
+        f"({autograd['min']:.2f}–{autograd['max']:.2f}) | (reference) | |",
+        f"| inference, batches of 8 | {inference['images_per_s']:.1f} images/s "
+        f"({inference['min']:.1f}–{inference['max']:.1f}) | ≥ 4 images/s | "
+        f"{'yes' if inference['images_per_s'] >= 4 else 'no'} |",
+        f"| {args.big}×{args.big} training step (engine), process peak RSS | "
+        f"{big['peak_mib']:.0f} MiB ({big['above_start_mib']:.0f} MiB above the RSS before "
+        f"the step); step {big['median_s']:.1f} s | ≤ 2048 MiB | "
+        f"{'yes' if big['peak_mib'] <= 2048 else 'no'} |",
+        "",
+    ]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "pyramidflow_speed.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
