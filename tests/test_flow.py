@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from toys import perturb
 
 import autoflow
+from autoflow.base import state_shape
 from autoflow.flow import Flow, StandardNormal
 from autoflow.glow import glow
 from autoflow.on_first import OnFirst
@@ -23,6 +24,16 @@ from autoflow.testing import (
 from autoflow.testing import strategies as afs
 
 F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These tensors are tiny: a second intra-op thread gains nothing, and on a busy machine its
+    # OpenMP barrier waits turned a 0.6 s test into 14 s.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_2d_flow(seed: int = 2, scale: float = 0.2) -> Flow:
@@ -162,11 +173,7 @@ def test_split_is_invertible_and_engine_exact(x, learned_prior, with_latents):
     state = (x, torch.randn(x.shape[0], 3, 2, 2, dtype=F64)) if with_latents else x
     assert_invertible(split, state)
     assert_engine_gradients_match(split, state)
-    assert split.input_shape(split.output_shape(afs_shape(state))) == afs_shape(state)
-
-
-def afs_shape(state):
-    return autoflow.base.state_shape(state)
+    assert split.input_shape(split.output_shape(state_shape(state))) == state_shape(state)
 
 
 def test_split_logdet_is_the_whitening_logdet():

@@ -1,0 +1,252 @@
+"""Exact-likelihood normalizing flows: a bijection plus a base density.
+
+For a bijection ``f`` (any :class:`~autoflow.InvertibleModule` whose every part is bijective)
+mapping data ``x`` of shape ``(B, *shape)`` to a latent state ``z = f(x)`` (a tensor or a tuple
+of tensors, e.g. the factored-out latents of a multi-scale flow), the change of variables gives
+
+.. math::
+
+    \\log p(x) = \\log p_Z(f(x)) + \\log|\\det \\partial f / \\partial x|,
+
+and sampling draws ``z ~ p_Z`` and returns ``f^{-1}(z)``. The default base ``p_Z`` is the standard
+normal over every tensor of the latent state (:class:`StandardNormal`).
+
+Negative log-likelihoods are in nats per sample, ``(B,)``. Bits per dimension divide by
+``D ln 2`` with ``D = prod(shape)``; for discrete data dequantised from ``K`` levels into
+``[0, 1)`` (``x = (v + u) / K``, ``u ~ U[0, 1)``) pass ``bins=K``: the density of ``x`` is then
+``K^D`` times that of the ``[0, K)`` data, so ``D log K`` nats are added and the result is the
+usual variational bound on the bits/dim of the discrete data.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .base import InvertibleModule, Shape, State, flatten_state, require_bijective
+from .errors import AutoflowError, NotBijectiveError, ShapeError
+
+__all__ = ["Flow", "StandardNormal"]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class StandardNormal(nn.Module):
+    """Standard normal density over every tensor of a state: ``log N(z; 0, I)`` per sample.
+
+    A custom base passed to :class:`Flow` needs the same two methods.
+
+    Example:
+        >>> base = StandardNormal()
+        >>> z = base.sample(((2, 1, 1), (1, 1, 1)), 4)
+        >>> [tuple(t.shape) for t in z], tuple(base.log_prob(z).shape)
+        ([(4, 2, 1, 1), (4, 1, 1, 1)], (4,))
+        >>> round(base.log_prob(torch.zeros(1, 2)).item(), 4)  # -log(2 pi)
+        -1.8379
+    """
+
+    def log_prob(self, z: State) -> Tensor:
+        """The log-density of each sample, summed over all tensors of ``z``; shape ``(B,)``."""
+        total = None
+        for t in flatten_state(z):
+            term = -0.5 * (t.flatten(1).pow(2) + _LOG_2PI).sum(1)
+            total = term if total is None else total + term
+        return total
+
+    def sample(
+        self,
+        shape: Shape,
+        n: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> State:
+        """Draw ``n`` states of ``shape`` (a shape or a tuple of shapes, without batch).
+
+        ``temperature`` scales the standard deviation (Glow's reduced-temperature sampling).
+        """
+        def draw(s: tuple[int, ...]) -> Tensor:
+            return temperature * torch.randn(
+                (n, *s), dtype=dtype, device=device, generator=generator
+            )
+
+        if shape and all(isinstance(s, tuple) for s in shape):
+            return tuple(draw(s) for s in shape)
+        return draw(shape)  # type: ignore[arg-type]
+
+
+class Flow(nn.Module):
+    """A normalizing flow: ``log p(x) = log p_Z(f(x)) + log|det df/dx|``.
+
+    Calling the module returns :meth:`log_prob`, so it can be wrapped in
+    ``DistributedDataParallel``.
+
+    Args:
+        transform: The bijection ``f`` from data to latents; use
+            ``Sequential(..., memory_saving=True)`` to train it with the memory-saving engine.
+        shape: The shape of one data sample without the batch dimension, e.g. ``(C, H, W)``.
+        base: The latent density, an object with ``log_prob(z) -> (B,)`` and
+            ``sample(latent_shape, n, *, dtype, device, temperature, generator)``; a standard
+            normal over all latents by default.
+
+    Raises:
+        NotBijectiveError: If ``transform`` or any part of it is not a bijection (e.g. a
+            :class:`~autoflow.LaplacianPyramid`): its log-det would not be a change of variables.
+        AutoflowError: If ``transform`` is not an :class:`~autoflow.InvertibleModule`, ``shape``
+            is not a tuple of positive ints, or ``base`` lacks ``log_prob``/``sample``.
+        ShapeError: If ``transform`` cannot take inputs of ``shape``.
+
+    Example:
+        >>> import torch, autoflow
+        >>> flow = Flow(autoflow.Sequential(autoflow.ActNorm(2), autoflow.AffineCoupling(2)),
+        ...             (2, 1, 1))
+        >>> x = torch.randn(5, 2, 1, 1)
+        >>> tuple(flow.log_prob(x).shape), tuple(flow.sample(3).shape)
+        ((5,), (3, 2, 1, 1))
+        >>> bool(torch.allclose(flow.bits_per_dim(x), flow.nll(x) / (2 * math.log(2))))
+        True
+    """
+
+    def __init__(self, transform: InvertibleModule, shape: tuple[int, ...], *,
+                 base: nn.Module | None = None) -> None:
+        super().__init__()
+        if not isinstance(transform, InvertibleModule):
+            raise AutoflowError(
+                f"Flow expected an InvertibleModule as transform, received "
+                f"{type(transform).__name__}"
+            )
+        require_bijective(transform, "a log-likelihood")
+        if (
+            not isinstance(shape, tuple)
+            or not shape
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+        ):
+            raise AutoflowError(
+                f"Flow expected shape to be a tuple of positive ints (one sample's shape without "
+                f"the batch dimension), received {shape!r}"
+            )
+        if base is None:
+            base = StandardNormal()
+        missing = [name for name in ("log_prob", "sample")
+                   if not callable(getattr(base, name, None))]
+        if missing:
+            raise AutoflowError(
+                f"Flow expected a base with log_prob and sample methods, received "
+                f"{type(base).__name__} without {' and '.join(missing)}"
+            )
+        self.transform = transform
+        self.base = base
+        self.shape = shape
+        self.latent_shape = transform.output_shape(shape)
+        self.dims = math.prod(shape)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, latent_shape={self.latent_shape}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.log_prob(x)
+
+    def _check(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise ShapeError(f"Flow expected a tensor, received {type(x).__name__}")
+        if tuple(x.shape[1:]) != self.shape or x.dim() != len(self.shape) + 1:
+            raise ShapeError(
+                f"Flow expected data of shape (B, {', '.join(map(str, self.shape))}), "
+                f"received {tuple(x.shape)}"
+            )
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Exact log-density of each sample in nats.
+
+        Args:
+            x: Data of shape ``(B, *shape)``.
+
+        Returns:
+            ``log p(x)`` of shape ``(B,)``.
+
+        Raises:
+            ShapeError: If ``x`` does not have shape ``(B, *shape)``.
+        """
+        self._check(x)
+        z, logdet = self.transform(x)
+        if logdet is None:  # only a transform that broke its own bijective flag gets here
+            raise NotBijectiveError(
+                f"{type(self.transform).__name__} reported no log-det; a log-likelihood needs one"
+            )
+        return self.base.log_prob(z) + logdet
+
+    def nll(self, x: Tensor) -> Tensor:
+        """Negative log-likelihood of each sample in nats, shape ``(B,)``; ``.mean()`` is a loss."""
+        return -self.log_prob(x)
+
+    def bits_per_dim(self, x: Tensor, *, bins: float | None = None) -> Tensor:
+        """Negative log-likelihood in bits per dimension, shape ``(B,)``.
+
+        Args:
+            x: Data of shape ``(B, *shape)``.
+            bins: For data dequantised from ``bins`` discrete levels into ``[0, 1)`` (or any unit
+                interval), add the ``log(bins)`` nats per dimension of that scaling, giving the
+                bits/dim of the discrete data (see the module docstring).
+
+        Raises:
+            AutoflowError: If ``bins`` is not a number ``>= 1``.
+        """
+        if bins is not None and (
+            isinstance(bins, bool) or not isinstance(bins, (int, float)) or not bins >= 1
+        ):
+            raise AutoflowError(f"bits_per_dim expected bins >= 1 or None, received {bins!r}")
+        nats = self.nll(x)
+        if bins is not None:
+            nats = nats + self.dims * math.log(bins)
+        return nats / (self.dims * math.log(2))
+
+    def _reference(self) -> tuple[torch.dtype, torch.device]:
+        for t in (*self.transform.parameters(), *self.transform.buffers()):
+            if t.is_floating_point():
+                return t.dtype, t.device
+        return torch.get_default_dtype(), torch.device("cpu")
+
+    def sample(
+        self,
+        n: int,
+        *,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        return_log_prob: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Draw ``n`` samples ``x = f^{-1}(z)``, ``z`` from the base.
+
+        Runs with the current grad mode; wrap in ``torch.no_grad()`` when only sampling.
+
+        Args:
+            n: Number of samples.
+            temperature: Scales the base's standard deviation (``1.0``: the model itself).
+            generator: Random generator for the latents.
+            return_log_prob: Also return ``log p(x) = log p_Z(z) - log|det df^{-1}/dz|`` under
+                the model (not the tempered base), from the same pass.
+
+        Returns:
+            Samples of shape ``(n, *shape)``, and their log-densities ``(n,)`` if asked.
+
+        Raises:
+            AutoflowError: If ``n`` is not a positive int or ``temperature`` is not positive.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise AutoflowError(f"Flow.sample expected a positive int n, received {n!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            temperature > 0
+        ):
+            raise AutoflowError(
+                f"Flow.sample expected a positive temperature, received {temperature!r}"
+            )
+        dtype, device = self._reference()
+        z = self.base.sample(self.latent_shape, n, dtype=dtype, device=device,
+                             temperature=float(temperature), generator=generator)
+        x, logdet_inv = self.transform.inverse(z)
+        if not return_log_prob:
+            return x
+        return x, self.base.log_prob(z) - logdet_inv
