@@ -23,9 +23,9 @@ __all__ = [
     "sum_logdets",
 ]
 
-#: A flow state: one tensor, or a tuple of tensors of different shapes (pyramid levels).
+#: A flow state, one tensor or a tuple of tensors of different shapes (pyramid levels).
 State = Tensor | tuple[Tensor, ...]
-#: The shape of a state without its batch dimension: ``(C, H, W)`` or a tuple of such shapes.
+#: The shape of a state without its batch dimension, ``(C, H, W)`` or a tuple of such shapes.
 Shape = tuple[int, ...] | tuple[tuple[int, ...], ...]
 
 
@@ -172,13 +172,26 @@ def require_bijective(module: nn.Module, purpose: str = "a log-likelihood") -> N
     Raises:
         NotBijectiveError: Naming the first offending submodule.
     """
-    for name, sub in module.named_modules():
-        if isinstance(sub, InvertibleModule) and not sub.bijective:
-            where = name or type(module).__name__
-            raise NotBijectiveError(
-                f"{purpose} needs a bijection, but '{where}' ({type(sub).__name__}) is only "
-                "left-invertible: its log-det is not a change of variables"
-            )
+    found = _deepest_non_bijective(module, "")
+    if found is not None:
+        name, sub = found
+        where = name or type(module).__name__
+        raise NotBijectiveError(
+            f"{purpose} needs a bijection, but '{where}' ({type(sub).__name__}) is not one: "
+            "it is only left-invertible or holds a module without an inverse, so its log-det "
+            "is not a change of variables"
+        )
+
+
+def _deepest_non_bijective(module: nn.Module, name: str) -> tuple[str, nn.Module] | None:
+    # A container is non-bijective because of a member: name the member, not the container.
+    if not (isinstance(module, InvertibleModule) and not module.bijective):
+        return None
+    for child_name, child in module.named_children():
+        found = _deepest_non_bijective(child, f"{name}.{child_name}" if name else child_name)
+        if found is not None:
+            return found
+    return name, module
 
 
 def check_image(x: Tensor, channels: int | None, module: nn.Module, name: str = "input") -> None:

@@ -2,11 +2,16 @@
 
 A ``(B, C, H, W)`` input is split along channels into ``x0`` (the first ``C // 2``) and ``x1``
 (the remaining ``C - C // 2``). With ``s, t = conditioner(x0)``, ``s`` soft-clamped and
-optionally volume-normalised::
+optionally volume-normalised, the forward map (eq. 3), its inverse (eq. 4) and its log-det
+(eq. 5, one value per sample, shape ``(B,)``) are
 
-    y0 = x0                           x0 = y0
-    y1 = exp(s) * x1 + t      (3)     x1 = exp(-s) * (y1 - t)      (4)
-    log|det dy/dx| = sum_{c,i,j} s    (5), shape (B,)
+.. math::
+
+    y_0 = x_0, \\qquad y_1 = e^{s} \\odot x_1 + t,
+
+    x_0 = y_0, \\qquad x_1 = e^{-s} \\odot (y_1 - t),
+
+    \\log\\left|\\det \\frac{\\partial y}{\\partial x}\\right| = \\sum_{c,i,j} s_{c,i,j}.
 
 The additive coupling is the special case ``s = 0`` (volume preserving, log-det exactly zero).
 

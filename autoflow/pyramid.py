@@ -1,17 +1,23 @@
 """The invertible (over-complete) Laplacian pyramid of PyramidFlow (Sec. 3.1, eqs. 1-2).
 
-Decomposition of ``x`` of shape ``(B, C, H, W)`` into ``L`` levels (eq. 1)::
+Decomposition of ``x`` of shape ``(B, C, H, W)`` into ``L`` levels (eq. 1), level ``d`` of shape
+``(B, C, H / 2^d, W / 2^d)``, with a downsampling operator ``D`` and an upsampling operator ``U``:
 
-    x_d     = D^d(x) - U(D^{d+1}(x))      for d < L - 1,   shape (B, C, H / 2^d, W / 2^d)
-    x_{L-1} = D^{L-1}(x)                                    shape (B, C, H / 2^(L-1), W / 2^(L-1))
+.. math::
 
-Composition, computed recursively from the coarsest level::
+    x_d = D^d(x) - U\\big(D^{d+1}(x)\\big) \\quad (d < L - 1), \\qquad x_{L-1} = D^{L-1}(x).
 
-    g = x_{L-1};   g = x_d + U(g)   for d = L-2, ..., 0;   x = g
+Composition, computed recursively from the coarsest level:
 
-Each step restores ``g = D^d(x)`` because it adds back exactly the ``U(D^{d+1}(x))`` that the
+.. math::
+
+    g_{L-1} = x_{L-1}, \\qquad g_d = x_d + U(g_{d+1}) \\quad (d = L-2, \\dots, 0),
+    \\qquad x = g_0.
+
+Each step restores ``g_d = D^d(x)`` because it adds back exactly the ``U(D^{d+1}(x))`` that the
 decomposition subtracted, so composition inverts decomposition for *any* pair of operators ``D``
-and ``U``, linear or not. For linear ``U`` the recursion unrolls to eq. 2, ``x = sum_d U^d(x_d)``.
+and ``U``, linear or not. For linear ``U`` the recursion unrolls to eq. 2,
+:math:`x = \\sum_d U^d(x_d)`.
 
 The pyramid is over-complete (more numbers out than in), hence only left-invertible: it reports
 no log-det (``None``) in either direction and has ``bijective = False``.

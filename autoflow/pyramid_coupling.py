@@ -5,14 +5,22 @@ The state is a tuple of levels ``(x_0, ..., x_{L-1})``, level ``d`` of shape
 the *target* ``x_t``, is transformed by an affine map (eqs. 3-5) whose parameters come from
 other levels and are matched to the target's size with bilinear interpolation
 (``align_corners=False``), followed by an invertible 1×1 convolution ``A`` that mixes the
-target's channels (eqs. 6-7)::
+target's channels (eqs. 6-7). With one source level ``k`` the conditioner (NN below) runs at
+the source's resolution and its output is resized; with two source levels the sources are
+resized and concatenated first:
 
-    s, t  = resize(conditioner(x_k), (H_t, W_t))                     one source level k
-    s, t  = conditioner(cat_k resize(x_k, (H_t, W_t)))              two source levels
-                                               (s soft-clamped, optionally volume-normalised)
-    y_t   = A (exp(s) * x_t + t)
-    y_d   = x_d                                for d != t
-    logdet = sum_{c,i,j} s + H_t W_t log|det A|,   shape (B,)
+.. math::
+
+    (s, t) = \\operatorname{resize}\\big(\\operatorname{NN}(x_k), (H_t, W_t)\\big)
+    \\quad\\text{or}\\quad
+    (s, t) = \\operatorname{NN}\\big(\\operatorname{cat}_k\\,
+    \\operatorname{resize}(x_k, (H_t, W_t))\\big),
+
+    y_t = A\\,\\big(e^{s} \\odot x_t + t\\big), \\qquad y_d = x_d \\quad (d \\ne t),
+
+    \\log|\\det J| = \\sum_{c,i,j} s_{c,i,j} + H_t W_t \\log|\\det A|,
+
+with ``s`` soft-clamped and optionally volume-normalised; the log-det has shape ``(B,)``.
 
 :class:`PyramidCoupling` conditions on one source level (Fig. 3c); :class:`DualPyramidCoupling`
 conditions the middle level on both neighbours (Fig. 3d, the reparameterised dual block).

@@ -7,7 +7,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from toys import randomize_conditioner
 
 from autoflow.base import InvertibleModule, State, flatten_state
 from autoflow.coupling import AdditiveCoupling, AffineCoupling, make_conditioner
@@ -19,6 +18,8 @@ from autoflow.testing import (
 )
 from autoflow.testing import strategies as afs
 from autoflow.volume_norm import VolumeNorm
+
+from toys import randomize_conditioner
 
 VOLUME_NORMS = [None, "channel", "spatial"]
 

@@ -6,9 +6,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
-from toys import Flip, ToyCoupling, perturb
 
 from autoflow import Sequential
+
+from toys import Flip, ToyCoupling, perturb
 
 
 def make_chain() -> Sequential:
@@ -34,6 +35,7 @@ def worker(rank: int, init_file: str, out_file: str) -> None:
     loss_of(model, batch()[2 * rank: 2 * rank + 2]).backward()
     if rank == 0:
         torch.save([p.grad for p in chain.parameters()], out_file)
+    dist.barrier()  # neither process may tear down gloo while the other still talks to it
     dist.destroy_process_group()
 
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from toys import perturb
 
 import autoflow
 from autoflow.base import state_shape
@@ -22,6 +21,8 @@ from autoflow.testing import (
     assert_logdet_matches_jacobian,
 )
 from autoflow.testing import strategies as afs
+
+from toys import perturb
 
 F64 = torch.float64
 

@@ -7,8 +7,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_coupling import check_reconstruction
-from toys import randomize_conditioner
 
 from autoflow.conv1x1 import InvConv1x1
 from autoflow.errors import AutoflowError, ShapeError
@@ -19,6 +17,9 @@ from autoflow.testing import (
     assert_logdet_matches_jacobian,
 )
 from autoflow.testing import strategies as afs
+
+from test_coupling import check_reconstruction
+from toys import randomize_conditioner
 
 VOLUME_NORMS = [None, "channel", "spatial"]
 
