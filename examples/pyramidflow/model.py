@@ -76,16 +76,12 @@ class PyramidFlow(nn.Module):
             front = ResNet18Stem(config.resnet_weights)
         volume_norm = None if config.volume_norm == "none" else config.volume_norm
         self.pyramid = autoflow.LaplacianPyramid(config.levels, kind=config.pyramid)
-        # The front and the pyramid are linear, so plain autograd stores next to nothing for
-        # them (the image, for the lifting weight's gradient); reconstructing them would cost
-        # full-resolution work for no memory gain. The coupling stack is what grows with depth.
         self.flow = autoflow.Sequential(
-            autoflow.Sequential(front, self.pyramid),
-            autoflow.Sequential(
-                *pyramid_couplings(config.channels, config.levels, config.depth,
-                                   kernel_size=config.kernel_size, volume_norm=volume_norm),
-                memory_saving=config.memory_saving,
-            ),
+            front,
+            self.pyramid,
+            *pyramid_couplings(config.channels, config.levels, config.depth,
+                               kernel_size=config.kernel_size, volume_norm=volume_norm),
+            memory_saving=config.memory_saving,
         )
         # The latent template (mean training latent per level); set by set_template.
         self.template: tuple[Tensor, ...] | None = None
