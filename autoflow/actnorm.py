@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import InvertibleModule, Shape, check_dtype, check_image, check_image_shape
+from .base import InvertibleModule, Shape, check_dtype, check_image, check_image_shape, check_int
 from .errors import AutoflowError
 
 __all__ = ["ActNorm"]
@@ -48,8 +48,7 @@ class ActNorm(InvertibleModule):
 
     def __init__(self, channels: int, *, eps: float = 1e-6) -> None:
         super().__init__()
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-            raise AutoflowError(f"ActNorm expected a positive int channels, received {channels!r}")
+        check_int(channels, "channels", "ActNorm")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
             raise AutoflowError(f"ActNorm expected a positive float eps, received {eps!r}")
         self.channels = channels

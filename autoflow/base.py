@@ -225,6 +225,19 @@ def check_image_shape(shape: Shape, channels: int | None, module: nn.Module) -> 
     return tuple(shape)  # type: ignore[return-value]
 
 
+def check_int(value: object, name: str, owner: str, *, minimum: int = 1, why: str = "") -> int:
+    """Return ``value`` if it is an int (not a bool) of at least ``minimum``, else raise.
+
+    Raises:
+        AutoflowError: ``"<owner> <name> must be an int >= <minimum><why>, received <value>"``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise AutoflowError(
+            f"{owner} {name} must be an int >= {minimum}{why}, received {value!r}"
+        )
+    return value
+
+
 def check_dtype(x: Tensor, reference: Tensor, module: nn.Module, name: str = "input") -> None:
     """Check that ``x`` has the dtype of ``module``'s parameter ``reference``.
 

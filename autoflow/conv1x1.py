@@ -24,16 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import InvertibleModule, Shape, check_dtype, check_image, check_image_shape
+from .base import InvertibleModule, Shape, check_dtype, check_image, check_image_shape, check_int
 from .errors import AutoflowError
 
 __all__ = ["InvConv1x1", "LiftingConv1x1"]
-
-
-def _check_count(value: object, name: str, owner: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise AutoflowError(f"{owner} expected {name} to be a positive int, received {value!r}")
-    return value
 
 
 def _per_sample(value: Tensor, x: Tensor) -> Tensor:
@@ -82,7 +76,7 @@ class InvConv1x1(InvertibleModule):
 
     def __init__(self, channels: int, *, volume_norm: bool = False) -> None:
         super().__init__()
-        self.channels = _check_count(channels, "channels", "InvConv1x1")
+        self.channels = check_int(channels, "channels", "InvConv1x1")
         self.volume_norm = bool(volume_norm)
         self.volume_preserving = self.volume_norm
         generator = _seeded_generator()
@@ -209,8 +203,8 @@ class LiftingConv1x1(InvertibleModule):
 
     def __init__(self, channels: int, *, in_channels: int = 3) -> None:
         super().__init__()
-        self.channels = _check_count(channels, "channels", "LiftingConv1x1")
-        self.in_channels = _check_count(in_channels, "in_channels", "LiftingConv1x1")
+        self.channels = check_int(channels, "channels", "LiftingConv1x1")
+        self.in_channels = check_int(in_channels, "in_channels", "LiftingConv1x1")
         if channels < in_channels:
             raise AutoflowError(
                 f"LiftingConv1x1 lifts to at least as many channels as it takes: expected "

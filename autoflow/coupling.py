@@ -30,7 +30,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import InvertibleModule, Reconstruction, Shape, State, check_image, check_image_shape
+from .base import (
+    InvertibleModule,
+    Reconstruction,
+    Shape,
+    State,
+    check_image,
+    check_image_shape,
+    check_int,
+)
 from .errors import AutoflowError, ShapeError
 from .volume_norm import VolumeNorm
 
@@ -44,12 +52,6 @@ __all__ = [
     "make_conditioner",
     "soft_clamp",
 ]
-
-
-def _positive_int(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise AutoflowError(f"{what} must be a positive int, received {value!r}")
-    return value
 
 
 def make_conditioner(
@@ -83,8 +85,8 @@ def make_conditioner(
         (out_channels, "out_channels"),
         (hidden_channels, "hidden_channels"),
     ):
-        _positive_int(value, f"make_conditioner {what}")
-    if _positive_int(kernel_size, "kernel_size") % 2 == 0:
+        check_int(value, what, "make_conditioner")
+    if check_int(kernel_size, "kernel_size", "make_conditioner") % 2 == 0:
         # An even kernel cannot keep H and W with symmetric padding.
         raise AutoflowError(f"kernel_size must be odd, received {kernel_size}")
     padding = kernel_size // 2
@@ -358,11 +360,8 @@ class _ChannelCoupling(Coupling):
         additive: bool,
     ) -> None:
         name = type(self).__name__
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 2:
-            raise AutoflowError(
-                f"{name} needs an int channels >= 2 (one to condition on, one to transform), "
-                f"received {channels!r}"
-            )
+        check_int(channels, "channels", name, minimum=2,
+                  why=" (one to condition on, one to transform)")
         kept_channels = channels // 2
         target_channels = channels - kept_channels
         if conditioner is None:

@@ -25,7 +25,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import InvertibleModule, Shape, State, flatten_state, require_bijective
+from .base import InvertibleModule, Shape, State, check_int, flatten_state, require_bijective
 from .errors import AutoflowError, NotBijectiveError, ShapeError
 
 __all__ = ["Flow", "StandardNormal"]
@@ -235,8 +235,7 @@ class Flow(nn.Module):
         Raises:
             AutoflowError: If ``n`` is not a positive int or ``temperature`` is not positive.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise AutoflowError(f"Flow.sample expected a positive int n, received {n!r}")
+        check_int(n, "n", "Flow.sample")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
             temperature > 0
         ):

@@ -16,7 +16,7 @@ it acts on ``h`` and carries the latents (see :mod:`autoflow.split`); the chain 
 from __future__ import annotations
 
 from .actnorm import ActNorm
-from .base import InvertibleModule
+from .base import InvertibleModule, check_int
 from .conv1x1 import InvConv1x1
 from .coupling import AffineCoupling
 from .errors import AutoflowError
@@ -30,12 +30,6 @@ __all__ = ["glow"]
 
 _DOWNSAMPLE = {"squeeze": Squeeze, "haar": HaarDownsample, None: None}
 _MIXING = ("conv1x1", "permute")
-
-
-def _count(value: object, what: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise AutoflowError(f"glow expected {what} to be an int >= {minimum}, received {value!r}")
-    return value
 
 
 def glow(
@@ -88,10 +82,10 @@ def glow(
         >>> tuple(logdet.shape)
         (3,)
     """
-    channels = _count(in_channels, "in_channels")
-    _count(levels, "levels")
-    _count(depth_per_level, "depth_per_level")
-    _count(hidden_channels, "hidden_channels")
+    channels = check_int(in_channels, "in_channels", "glow")
+    check_int(levels, "levels", "glow")
+    check_int(depth_per_level, "depth_per_level", "glow")
+    check_int(hidden_channels, "hidden_channels", "glow")
     if downsample not in _DOWNSAMPLE:
         raise AutoflowError(
             f"glow expected downsample to be 'squeeze', 'haar' or None, received {downsample!r}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import InvertibleModule, Shape, check_image, check_image_shape
+from .base import InvertibleModule, Shape, check_image, check_image_shape, check_int
 from .errors import AutoflowError
 
 __all__ = ["Permute"]
@@ -43,8 +43,7 @@ class Permute(InvertibleModule):
 
     def __init__(self, channels: int, *, kind: str = "random") -> None:
         super().__init__()
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-            raise AutoflowError(f"Permute expected a positive int channels, received {channels!r}")
+        check_int(channels, "channels", "Permute")
         if kind not in _KINDS:
             raise AutoflowError(f"Permute kind must be one of {_KINDS}, received {kind!r}")
         self.channels = channels

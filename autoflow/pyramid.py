@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import InvertibleModule, Shape, check_image, check_image_shape
+from .base import InvertibleModule, Shape, check_image, check_image_shape, check_int
 from .errors import AutoflowError, ShapeError
 
 __all__ = ["LaplacianPyramid", "gaussian_down", "gaussian_up", "maxpool_down", "bilinear_up"]
@@ -177,8 +177,7 @@ class LaplacianPyramid(InvertibleModule):
         up: Resampler | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
-            raise AutoflowError(f"LaplacianPyramid levels must be an int >= 1, received {levels!r}")
+        check_int(levels, "levels", "LaplacianPyramid")
         if kind not in _OPERATORS:
             raise AutoflowError(
                 f"LaplacianPyramid kind must be one of {list(_KINDS)}, received {kind!r}"

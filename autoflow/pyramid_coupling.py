@@ -34,19 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Shape, State, check_image, check_image_shape
+from .base import Shape, State, check_image, check_image_shape, check_int
 from .conv1x1 import InvConv1x1
 from .coupling import Coupling, make_conditioner
 from .errors import AutoflowError, ShapeError
 from .volume_norm import VolumeNorm
 
 __all__ = ["DualPyramidCoupling", "PyramidCoupling"]
-
-
-def _level_index(value: object, what: str, owner: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise AutoflowError(f"{owner} {what} must be a non-negative int, received {value!r}")
-    return value
 
 
 def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -70,8 +64,7 @@ class _LevelCoupling(Coupling):
         volume_norm: str | VolumeNorm | None,
     ) -> None:
         name = type(self).__name__
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-            raise AutoflowError(f"{name} channels must be a positive int, received {channels!r}")
+        check_int(channels, "channels", name)
         hidden = channels if hidden_channels is None else hidden_channels
         conditioner = make_conditioner(
             len(sources) * channels, 2 * channels, hidden, kernel_size=kernel_size
@@ -210,8 +203,8 @@ class PyramidCoupling(_LevelCoupling):
         volume_norm: str | VolumeNorm | None = None,
     ) -> None:
         name = type(self).__name__
-        target = _level_index(target, "target", name)
-        source = _level_index(source, "source", name)
+        target = check_int(target, "target", name, minimum=0)
+        source = check_int(source, "source", name, minimum=0)
         if target == source:
             raise AutoflowError(
                 f"{name} needs distinct target and source levels, received both = {target}"
@@ -268,7 +261,7 @@ class DualPyramidCoupling(_LevelCoupling):
         volume_norm: str | VolumeNorm | None = None,
     ) -> None:
         name = type(self).__name__
-        if _level_index(target, "target", name) < 1:
+        if check_int(target, "target", name, minimum=0) < 1:
             raise AutoflowError(
                 f"{name} target must be at least 1 (it needs levels target - 1 and target + 1), "
                 f"received {target}"

@@ -24,7 +24,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .base import InvertibleModule, Shape, check_image, check_image_shape
+from .base import InvertibleModule, Shape, check_image, check_image_shape, check_int
 from .errors import AutoflowError, ShapeError
 
 __all__ = ["HaarDownsample", "Squeeze"]
@@ -42,10 +42,7 @@ class _Downsample2x(InvertibleModule):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-            raise AutoflowError(
-                f"{type(self).__name__} expected a positive int channels, received {channels!r}"
-            )
+        check_int(channels, "channels", type(self).__name__)
         self.channels = channels
 
     def extra_repr(self) -> str:

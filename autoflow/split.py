@@ -46,6 +46,7 @@ from .base import (
     State,
     check_image,
     check_image_shape,
+    check_int,
 )
 from .coupling import Coupling, make_conditioner
 from .errors import AutoflowError, ShapeError
@@ -115,11 +116,7 @@ class Split(InvertibleModule):
         clamp: float = 2.0,
     ) -> None:
         super().__init__()
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 2:
-            raise AutoflowError(
-                f"Split needs an int channels >= 2 (one to keep, one to factor out), "
-                f"received {channels!r}"
-            )
+        check_int(channels, "channels", "Split", minimum=2, why=" (one to keep, one to factor out)")
         self.channels = channels
         self.latent_channels = channels // 2
         self.kept_channels = channels - self.latent_channels

@@ -112,7 +112,7 @@ def test_rejects_bad_inputs(x: torch.Tensor, error: type, match: str) -> None:
 
 @pytest.mark.parametrize(
     ("args", "kwargs", "match"),
-    [((0,), {}, "positive int channels"), ((2,), {"eps": 0.0}, "positive float eps")],
+    [((0,), {}, "channels must be an int >= 1"), ((2,), {"eps": 0.0}, "positive float eps")],
 )
 def test_rejects_bad_construction(args: tuple, kwargs: dict, match: str) -> None:
     with pytest.raises(AutoflowError, match=match):

@@ -136,7 +136,7 @@ def test_invconv_rejects_bad_inputs(x: torch.Tensor, error: type, match: str) ->
 
 @pytest.mark.parametrize("channels", [0, -1, 2.0, True])
 def test_invconv_rejects_bad_channels(channels: object) -> None:
-    with pytest.raises(AutoflowError, match="positive int"):
+    with pytest.raises(AutoflowError, match="must be an int >= 1"):
         InvConv1x1(channels)  # type: ignore[arg-type]
 
 
@@ -220,7 +220,7 @@ def test_lifting_singular_weight_raises(column: int) -> None:
 def test_lifting_rejects_bad_construction_and_inputs() -> None:
     with pytest.raises(AutoflowError, match="channels >= in_channels.*channels=2, in_channels=3"):
         LiftingConv1x1(2)
-    with pytest.raises(AutoflowError, match="in_channels to be a positive int"):
+    with pytest.raises(AutoflowError, match="in_channels must be an int >= 1"):
         LiftingConv1x1(4, in_channels=0)
     lift = LiftingConv1x1(4)
     with pytest.raises(ShapeError, match="expected 3 channels.*received 4"):

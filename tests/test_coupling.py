@@ -281,11 +281,11 @@ def test_wrong_conditioner_output_is_reported():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"channels": 1}, "channels >= 2 .* received 1"),
-        ({"channels": 4.0}, "channels >= 2 .* received 4.0"),
+        ({"channels": 1}, "channels must be an int >= 2 .* received 1"),
+        ({"channels": 4.0}, "channels must be an int >= 2 .* received 4.0"),
         ({"channels": 4, "kernel_size": 4}, "kernel_size must be odd, received 4"),
-        ({"channels": 4, "kernel_size": 0}, "kernel_size must be a positive int, received 0"),
-        ({"channels": 4, "hidden_channels": 0}, "hidden_channels must be a positive int"),
+        ({"channels": 4, "kernel_size": 0}, "kernel_size must be an int >= 1, received 0"),
+        ({"channels": 4, "hidden_channels": 0}, "hidden_channels must be an int >= 1"),
         ({"channels": 4, "clamp": 0.0}, "clamp must be a positive finite number, received 0.0"),
         ({"channels": 4, "clamp": float("inf")}, "clamp must be a positive finite number"),
         ({"channels": 4, "volume_norm": "batch"}, "mode must be one of .* received 'batch'"),

@@ -239,16 +239,16 @@ def test_flow_bad_inputs():
         flow.log_prob(torch.randn(4, 2))
     with pytest.raises(autoflow.AutoflowError, match="bins >= 1"):
         flow.bits_per_dim(torch.randn(1, 2, 1, 1), bins=0)
-    with pytest.raises(autoflow.AutoflowError, match="positive int n, received 0"):
+    with pytest.raises(autoflow.AutoflowError, match="n must be an int >= 1, received 0"):
         flow.sample(0)
     with pytest.raises(autoflow.AutoflowError, match="positive temperature"):
         flow.sample(2, temperature=0.0)
 
 
 def test_split_and_on_first_bad_inputs():
-    with pytest.raises(autoflow.AutoflowError, match="channels >= 2.*received 1"):
+    with pytest.raises(autoflow.AutoflowError, match="channels must be an int >= 2.*received 1"):
         Split(1)
-    with pytest.raises(autoflow.AutoflowError, match="channels >= 2.*received True"):
+    with pytest.raises(autoflow.AutoflowError, match="channels must be an int >= 2.*received True"):
         Split(True)
     with pytest.raises(autoflow.AutoflowError, match="hidden_channels without learned_prior"):
         Split(4, learned_prior=False, hidden_channels=8)
@@ -273,7 +273,7 @@ def test_split_and_on_first_bad_inputs():
 
 
 def test_glow_bad_inputs():
-    with pytest.raises(autoflow.AutoflowError, match="levels to be an int >= 1, received 0"):
+    with pytest.raises(autoflow.AutoflowError, match="levels must be an int >= 1, received 0"):
         glow(1, levels=0)
     with pytest.raises(autoflow.AutoflowError, match="downsample .* received 'pool'"):
         glow(1, downsample="pool")

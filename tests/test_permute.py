@@ -59,7 +59,7 @@ def test_reverse_and_state_dict() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"channels": 0}, "positive int channels, received 0"),
+        ({"channels": 0}, "channels must be an int >= 1, received 0"),
         ({"channels": 3, "kind": "shuffle"}, r"kind must be one of .*received 'shuffle'"),
     ],
 )

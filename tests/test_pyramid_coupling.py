@@ -220,13 +220,13 @@ def test_untouched_levels_may_have_other_channel_counts():
 @pytest.mark.parametrize(
     ("cls", "kwargs", "match"),
     [
-        (PyramidCoupling, {"channels": 0}, "channels must be a positive int, received 0"),
+        (PyramidCoupling, {"channels": 0}, "channels must be an int >= 1, received 0"),
         (PyramidCoupling, {"channels": 2, "target": 1, "source": 1},
          "distinct target and source levels, received both = 1"),
         (PyramidCoupling, {"channels": 2, "source": -1},
-         "source must be a non-negative int, received -1"),
+         "source must be an int >= 0, received -1"),
         (PyramidCoupling, {"channels": 2, "target": 1.0},
-         "target must be a non-negative int, received 1.0"),
+         "target must be an int >= 0, received 1.0"),
         (PyramidCoupling, {"channels": 2, "clamp": -1.0}, "clamp must be a positive finite"),
         (PyramidCoupling, {"channels": 2, "kernel_size": 2}, "kernel_size must be odd"),
         (DualPyramidCoupling, {"channels": 2, "target": 0},

@@ -94,5 +94,5 @@ def test_rejects_bad_inputs(cls: type, direction: str, x: torch.Tensor, match: s
 def test_haar_rejects_integer_input_and_bad_channels() -> None:
     with pytest.raises(AutoflowError, match="floating-point.*torch.int64"):
         HaarDownsample(1)(torch.ones(1, 1, 2, 2, dtype=torch.long))
-    with pytest.raises(AutoflowError, match="positive int channels, received 0"):
+    with pytest.raises(AutoflowError, match="channels must be an int >= 1, received 0"):
         Squeeze(0)
