@@ -43,6 +43,7 @@ from .errors import AutoflowError, ShapeError
 from .volume_norm import VolumeNorm
 
 __all__ = [
+    "CLAMP_KINDS",
     "AdditiveCoupling",
     "AffineCoupling",
     "Coupling",
@@ -55,7 +56,12 @@ __all__ = [
 
 
 def make_conditioner(
-    in_channels: int, out_channels: int, hidden_channels: int, *, kernel_size: int = 3
+    in_channels: int,
+    out_channels: int,
+    hidden_channels: int,
+    *,
+    kernel_size: int = 3,
+    bias: bool = True,
 ) -> nn.Sequential:
     """The default coupling conditioner: conv k×k -> LeakyReLU -> conv k×k ("same" padding).
 
@@ -67,6 +73,7 @@ def make_conditioner(
         out_channels: Channels of the output (``2 * len(x1)`` for ``s`` and ``t``).
         hidden_channels: Channels between the two convolutions.
         kernel_size: Odd kernel size of both convolutions.
+        bias: Give both convolutions a bias (the PyramidFlow public code uses none).
 
     Returns:
         An ``nn.Sequential`` mapping ``(B, in, H, W)`` to ``(B, out, H, W)``.
@@ -89,28 +96,47 @@ def make_conditioner(
     if check_int(kernel_size, "kernel_size", "make_conditioner") % 2 == 0:
         # An even kernel cannot keep H and W with symmetric padding.
         raise AutoflowError(f"kernel_size must be odd, received {kernel_size}")
+    if not isinstance(bias, bool):
+        raise AutoflowError(f"make_conditioner bias must be a bool, received {bias!r}")
     padding = kernel_size // 2
-    last = nn.Conv2d(hidden_channels, out_channels, kernel_size, padding=padding)
+    last = nn.Conv2d(hidden_channels, out_channels, kernel_size, padding=padding, bias=bias)
     nn.init.zeros_(last.weight)
-    nn.init.zeros_(last.bias)
+    if bias:
+        nn.init.zeros_(last.bias)
     return nn.Sequential(
-        nn.Conv2d(in_channels, hidden_channels, kernel_size, padding=padding),
+        nn.Conv2d(in_channels, hidden_channels, kernel_size, padding=padding, bias=bias),
         nn.LeakyReLU(),
         last,
     )
 
 
-def soft_clamp(s: Tensor, clamp: float) -> Tensor:
-    """Smoothly limit a log-scale to ``(-clamp, clamp)``: ``clamp * tanh(s / clamp)``.
+CLAMP_KINDS = ("tanh", "atan")
+"""Soft-clamp functions of :func:`soft_clamp`."""
 
-    Keeps ``exp(s)`` within ``[e^-clamp, e^clamp]`` so the inverse stays well conditioned, while
-    being the identity to first order near zero.
+
+def soft_clamp(s: Tensor, clamp: float, kind: str = "tanh") -> Tensor:
+    """Smoothly limit a log-scale to ``(-clamp, clamp)``.
+
+    ``kind="tanh"``: ``clamp * tanh(s / clamp)``; ``kind="atan"``:
+    ``clamp * (2 / pi) * atan(s / clamp)`` (the PyramidFlow public code, whose factor 0.636
+    rounds ``2 / pi``), which approaches the bound more slowly. Both keep ``exp(s)`` within
+    ``[e^-clamp, e^clamp]`` so the inverse stays well conditioned, and both are the identity to
+    first order near zero.
+
+    Raises:
+        AutoflowError: If ``kind`` is not one of :data:`CLAMP_KINDS`.
 
     Example:
         >>> soft_clamp(torch.tensor([0.0, 100.0]), 2.0).tolist()
         [0.0, 2.0]
+        >>> round(soft_clamp(torch.tensor(100.0), 2.0, kind="atan").item(), 2)
+        1.97
     """
-    return clamp * torch.tanh(s / clamp)
+    if kind == "tanh":
+        return clamp * torch.tanh(s / clamp)
+    if kind == "atan":
+        return clamp * (2.0 / math.pi) * torch.atan(s / clamp)
+    raise AutoflowError(f"soft_clamp kind must be one of {CLAMP_KINDS}, received {kind!r}")
 
 
 def affine_apply(x: Tensor, s: Tensor | None, t: Tensor) -> Tensor:
@@ -191,10 +217,11 @@ class Coupling(InvertibleModule):
         additive: Use ``s = 0`` (NICE); the module is then volume preserving unless ``mixer``
             is not.
         mixer: Optional invertible module applied to the transformed target afterwards.
+        clamp_kind: Soft-clamp function, ``"tanh"`` or ``"atan"`` (see :func:`soft_clamp`).
 
     Raises:
-        AutoflowError: If ``clamp`` is not a positive finite number or ``volume_norm`` is
-            invalid, or ``additive`` is combined with ``volume_norm``.
+        AutoflowError: If ``clamp`` is not a positive finite number, ``clamp_kind`` or
+            ``volume_norm`` is invalid, or ``additive`` is combined with ``volume_norm``.
 
     Example:
         The engine hook rebuilds the input from the output, one leaf per part:
@@ -214,9 +241,14 @@ class Coupling(InvertibleModule):
         volume_norm: str | VolumeNorm | None = None,
         additive: bool = False,
         mixer: InvertibleModule | None = None,
+        clamp_kind: str = "tanh",
     ) -> None:
         super().__init__()
         name = type(self).__name__
+        if clamp_kind not in CLAMP_KINDS:
+            raise AutoflowError(
+                f"{name} clamp_kind must be one of {CLAMP_KINDS}, received {clamp_kind!r}"
+            )
         if not isinstance(conditioner, nn.Module):
             raise AutoflowError(
                 f"{name} conditioner must be an nn.Module, received {type(conditioner).__name__}"
@@ -228,6 +260,7 @@ class Coupling(InvertibleModule):
         self.volume_norm = _make_volume_norm(volume_norm, name)
         self.additive = additive
         self.mixer = mixer
+        self.clamp_kind = clamp_kind
 
     # Subclass interface ------------------------------------------------------------------
 
@@ -265,7 +298,7 @@ class Coupling(InvertibleModule):
         if self.additive:
             return None, out
         s, t = out.chunk(2, dim=1)
-        s = soft_clamp(s, self.clamp)
+        s = soft_clamp(s, self.clamp, self.clamp_kind)
         if self.volume_norm is not None:
             s = self.volume_norm(s, update=update)
         return s, t

@@ -34,11 +34,19 @@ from torch import Tensor
 from .base import InvertibleModule, Shape, check_image, check_image_shape, check_int
 from .errors import AutoflowError, ShapeError
 
-__all__ = ["LaplacianPyramid", "gaussian_down", "gaussian_up", "maxpool_down", "bilinear_up"]
+__all__ = [
+    "LaplacianPyramid",
+    "bilinear_up",
+    "blur_maxpool_down",
+    "gaussian_down",
+    "gaussian_up",
+    "maxpool_down",
+    "nearest_blur_up",
+]
 
 Resampler = Callable[[Tensor], Tensor]
 
-_KINDS = ("gaussian", "maxpool")
+_KINDS = ("gaussian", "maxpool", "blur_maxpool")
 _BINOMIAL = (1.0, 4.0, 6.0, 4.0, 1.0)
 
 
@@ -53,14 +61,18 @@ def _reflect_indices(n: int, pad: int, device: torch.device) -> Tensor:
     return torch.where(index >= n, period - index, index)
 
 
-def _binomial_blur(x: Tensor) -> Tensor:
-    """Depthwise 5×5 binomial blur (``[1, 4, 6, 4, 1] / 16`` outer product), reflect padding.
+def _binomial_blur(x: Tensor, padding: str = "reflect") -> Tensor:
+    """Depthwise 5×5 binomial blur (``[1, 4, 6, 4, 1] / 16`` outer product).
 
-    Applied as two 1-D passes (the kernel is separable): 10 instead of 25 taps per pixel.
+    ``padding`` is ``"reflect"`` (mirror, edges kept) or ``"zeros"`` (what the PyramidFlow
+    public code does; it darkens a 2-pixel border). Applied as two 1-D passes (the kernel is
+    separable): 10 instead of 25 taps per pixel.
     """
     taps = torch.tensor(_BINOMIAL, dtype=x.dtype, device=x.device) / 16.0
     channels, pad = x.shape[1], len(_BINOMIAL) // 2
-    if x.shape[2] > pad and x.shape[3] > pad:
+    if padding == "zeros":
+        padded = F.pad(x, (pad, pad, pad, pad))
+    elif x.shape[2] > pad and x.shape[3] > pad:
         padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     else:
         padded = x.index_select(2, _reflect_indices(x.shape[2], pad, x.device))
@@ -128,9 +140,33 @@ def bilinear_up(x: Tensor) -> Tensor:
     )
 
 
+def blur_maxpool_down(x: Tensor) -> Tensor:
+    """Binomial 5×5 blur with zero padding, then 2×2 max-pooling (the public PyramidFlow code).
+
+    Example:
+        >>> blur_maxpool_down(torch.ones(1, 1, 8, 8))[0, 0, 1:3, 1:3].tolist()
+        [[1.0, 1.0], [1.0, 1.0]]
+    """
+    return F.max_pool2d(_binomial_blur(x, padding="zeros"), 2)
+
+
+def nearest_blur_up(x: Tensor) -> Tensor:
+    """Nearest-neighbour ×2 upsampling, then the binomial 5×5 blur with zero padding.
+
+    The partner of :func:`blur_maxpool_down` in the public PyramidFlow code: constants are
+    kept away from the 2-pixel border, where the zero padding darkens them.
+
+    Example:
+        >>> nearest_blur_up(torch.ones(1, 1, 4, 4))[0, 0, 2:6, 2:6].unique().tolist()
+        [1.0]
+    """
+    return _binomial_blur(F.interpolate(x, scale_factor=2.0, mode="nearest"), padding="zeros")
+
+
 _OPERATORS: dict[str, tuple[Resampler, Resampler]] = {
     "gaussian": (gaussian_down, gaussian_up),
     "maxpool": (maxpool_down, bilinear_up),
+    "blur_maxpool": (blur_maxpool_down, nearest_blur_up),
 }
 
 
@@ -146,7 +182,9 @@ class LaplacianPyramid(InvertibleModule):
         levels: Number of levels ``L >= 1`` (``1`` is the identity, wrapped in a 1-tuple).
         kind: Default operators: ``"gaussian"`` (5×5 binomial blur with reflect padding, stride 2
             down; zero insertion then the same blur ×4 up — Burt–Adelson) or ``"maxpool"``
-            (2×2 max-pool down; bilinear ×2 up, ``align_corners=False``).
+            (2×2 max-pool down; bilinear ×2 up, ``align_corners=False``) or
+            ``"blur_maxpool"`` (5×5 binomial blur with zero padding then 2×2 max-pool down;
+            nearest ×2 then the same blur up — the operators of the public PyramidFlow code).
         down: Optional callable ``(B, C, H, W) -> (B, C, H/2, W/2)`` replacing ``kind``'s
             downsampling. An ``nn.Module`` is registered as a submodule.
         up: Optional callable ``(B, C, h, w) -> (B, C, 2h, 2w)`` replacing ``kind``'s upsampling.

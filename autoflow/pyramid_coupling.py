@@ -3,11 +3,12 @@
 The state is a tuple of levels ``(x_0, ..., x_{L-1})``, level ``d`` of shape
 ``(B, C, H_d, W_d)`` (any sizes; a Laplacian pyramid halves them level by level). One level,
 the *target* ``x_t``, is transformed by an affine map (eqs. 3-5) whose parameters come from
-other levels and are matched to the target's size with bilinear interpolation
-(``align_corners=False``), followed by an invertible 1×1 convolution ``A`` that mixes the
+other levels and are matched to the target's size with bilinear (``align_corners=False``)
+or nearest interpolation, followed by an invertible 1×1 convolution ``A`` that mixes the
 target's channels (eqs. 6-7). With one source level ``k`` the conditioner (NN below) runs at
-the source's resolution and its output is resized; with two source levels the sources are
-resized and concatenated first:
+the source's resolution and its output is resized (or, with ``condition_at="target"``, the
+source is resized first); with two source levels the sources are resized and concatenated
+first:
 
 .. math::
 
@@ -40,12 +41,18 @@ from .coupling import Coupling, make_conditioner
 from .errors import AutoflowError, ShapeError
 from .volume_norm import VolumeNorm
 
-__all__ = ["DualPyramidCoupling", "PyramidCoupling"]
+__all__ = ["RESIZE_MODES", "DualPyramidCoupling", "PyramidCoupling"]
 
 
-def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+RESIZE_MODES = ("bilinear", "nearest")
+"""How levels and affine parameters are brought to another level's size."""
+
+
+def _resize(x: Tensor, size: tuple[int, int], mode: str) -> Tensor:
     if tuple(x.shape[2:]) == size:
         return x
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest")
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
@@ -62,23 +69,35 @@ class _LevelCoupling(Coupling):
         hidden_channels: int | None,
         clamp: float,
         volume_norm: str | VolumeNorm | None,
+        resize: str,
+        bias: bool,
+        clamp_kind: str,
+        condition_at: str = "source",
     ) -> None:
         name = type(self).__name__
         check_int(channels, "channels", name)
+        for what, value, allowed in (("resize", resize, RESIZE_MODES),
+                                     ("condition_at", condition_at, ("source", "target"))):
+            if value not in allowed:
+                raise AutoflowError(f"{name} {what} must be one of {allowed}, received {value!r}")
         hidden = channels if hidden_channels is None else hidden_channels
         conditioner = make_conditioner(
-            len(sources) * channels, 2 * channels, hidden, kernel_size=kernel_size
+            len(sources) * channels, 2 * channels, hidden, kernel_size=kernel_size, bias=bias
         )
         # The 1×1 convolution is volume-normalised together with s, so that one switch makes
         # the whole block volume preserving as in the paper.
         mixer = InvConv1x1(channels, volume_norm=volume_norm is not None)
-        super().__init__(conditioner, clamp=clamp, volume_norm=volume_norm, mixer=mixer)
+        super().__init__(conditioner, clamp=clamp, volume_norm=volume_norm, mixer=mixer,
+                         clamp_kind=clamp_kind)
         self.channels = channels
         self.target = target
         self.sources = sources
+        self.resize = resize
+        self.condition_at = condition_at
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, target={self.target}, sources={self.sources}"
+        return (f"channels={self.channels}, target={self.target}, sources={self.sources}, "
+                f"resize={self.resize!r}, condition_at={self.condition_at!r}")
 
     @property
     def min_levels(self) -> int:
@@ -121,16 +140,16 @@ class _LevelCoupling(Coupling):
     def _conditioner_input(self, kept: Sequence[Tensor], target: Tensor) -> Tensor:
         # kept lacks the target level, so levels after it sit one position earlier.
         parts = [kept[d - (d > self.target)] for d in self.sources]
-        if len(parts) == 1:
-            # One source: the conditioner runs at the source's own resolution and its output
-            # (the affine parameters) is resized, as in the paper; for the finest level this
-            # evaluates the network on a quarter of the pixels.
+        if len(parts) == 1 and self.condition_at == "source":
+            # The conditioner runs at the source's own resolution and its output (the affine
+            # parameters) is resized; for the finest level this evaluates the network on a
+            # quarter of the pixels.
             return parts[0]
         size = (target.shape[2], target.shape[3])
-        return torch.cat([_resize(part, size) for part in parts], dim=1)
+        return torch.cat([_resize(part, size, self.resize) for part in parts], dim=1)
 
     def _fit_to_target(self, out: Tensor, target: Tensor) -> Tensor:
-        return _resize(out, (target.shape[2], target.shape[3]))
+        return _resize(out, (target.shape[2], target.shape[3]), self.resize)
 
     def output_shape(self, input_shape: Shape) -> Shape:
         """``input_shape`` itself, after checking it is a tuple of level shapes that fits.
@@ -175,6 +194,14 @@ class PyramidCoupling(_LevelCoupling):
         volume_norm: ``None``, ``"channel"`` (CVN), ``"spatial"`` (SVN) or a
             :class:`~autoflow.volume_norm.VolumeNorm` for ``s``; when set, the 1×1 convolution
             is volume-normalised too (``InvConv1x1(volume_norm=True)``).
+        resize: Interpolation between level sizes, ``"bilinear"`` (``align_corners=False``)
+            or ``"nearest"`` (the public code's choice).
+        condition_at: ``"source"`` runs the conditioner at the source's resolution and resizes
+            its output; ``"target"`` resizes the source to the target's size first and runs
+            the conditioner there (the public code does this when the target is the finer
+            level).
+        bias: Give the conditioner's convolutions a bias.
+        clamp_kind: Soft-clamp function of ``s``, ``"tanh"`` or ``"atan"``.
 
     Raises:
         AutoflowError: If ``channels`` is not a positive int, an index is not a non-negative
@@ -201,6 +228,10 @@ class PyramidCoupling(_LevelCoupling):
         hidden_channels: int | None = None,
         clamp: float = 2.0,
         volume_norm: str | VolumeNorm | None = None,
+        resize: str = "bilinear",
+        condition_at: str = "source",
+        bias: bool = True,
+        clamp_kind: str = "tanh",
     ) -> None:
         name = type(self).__name__
         target = check_int(target, "target", name, minimum=0)
@@ -217,6 +248,10 @@ class PyramidCoupling(_LevelCoupling):
             hidden_channels=hidden_channels,
             clamp=clamp,
             volume_norm=volume_norm,
+            resize=resize,
+            bias=bias,
+            clamp_kind=clamp_kind,
+            condition_at=condition_at,
         )
         self.source = source
 
@@ -237,6 +272,10 @@ class DualPyramidCoupling(_LevelCoupling):
         hidden_channels: Hidden width of the conditioner; default ``channels``.
         clamp: Soft-clamp bound of ``s``.
         volume_norm: As in :class:`PyramidCoupling`.
+        resize: Interpolation of the neighbours to the target's size, ``"bilinear"`` or
+            ``"nearest"``.
+        bias: Give the conditioner's convolutions a bias.
+        clamp_kind: Soft-clamp function of ``s``, ``"tanh"`` or ``"atan"``.
 
     Raises:
         AutoflowError: If ``channels`` is not a positive int, ``target < 1``, or another
@@ -259,6 +298,9 @@ class DualPyramidCoupling(_LevelCoupling):
         hidden_channels: int | None = None,
         clamp: float = 2.0,
         volume_norm: str | VolumeNorm | None = None,
+        resize: str = "bilinear",
+        bias: bool = True,
+        clamp_kind: str = "tanh",
     ) -> None:
         name = type(self).__name__
         if check_int(target, "target", name, minimum=0) < 1:
@@ -274,4 +316,7 @@ class DualPyramidCoupling(_LevelCoupling):
             hidden_channels=hidden_channels,
             clamp=clamp,
             volume_norm=volume_norm,
+            resize=resize,
+            bias=bias,
+            clamp_kind=clamp_kind,
         )

@@ -134,6 +134,14 @@ def test_invconv_rejects_bad_inputs(x: torch.Tensor, error: type, match: str) ->
         conv.inverse(x)
 
 
+@pytest.mark.parametrize("volume_norm", ["none", "channel", 1, None])
+def test_invconv_volume_norm_must_be_a_bool(volume_norm: object) -> None:
+    # A coupling's mode string ("none") must not silently switch normalisation on.
+    message = f"volume_norm must be a bool, received {volume_norm!r}"
+    with pytest.raises(AutoflowError, match=message):
+        InvConv1x1(4, volume_norm=volume_norm)
+
+
 @pytest.mark.parametrize("channels", [0, -1, 2.0, True])
 def test_invconv_rejects_bad_channels(channels: object) -> None:
     with pytest.raises(AutoflowError, match="must be an int >= 1"):

@@ -14,7 +14,9 @@ from autoflow.pyramid import LaplacianPyramid, gaussian_up
 from autoflow.testing import assert_engine_gradients_match, assert_invertible
 from autoflow.testing import strategies as afs
 
-KINDS = ["gaussian", "maxpool"]
+KINDS = ["gaussian", "maxpool", "blur_maxpool"]
+# The kinds whose padding keeps constants (blur_maxpool zero-pads, as the public code does).
+CONSTANT_KEEPING_KINDS = ["gaussian", "maxpool"]
 
 
 @st.composite
@@ -73,7 +75,7 @@ def test_gaussian_composition_unrolls_to_eq_2():
     assert torch.allclose(total, x, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", CONSTANT_KEEPING_KINDS)
 def test_constant_image_has_zero_details(kind):
     # Both operator pairs keep constants, so all detail levels vanish (even 1-pixel levels,
     # where the Gaussian blur's reflect padding has to fold more than once).
@@ -90,6 +92,22 @@ def test_maxpool_kind_uses_max_pool_and_bilinear_upsampling():
     assert torch.equal(coarse, F.max_pool2d(x, 2))
     up = F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)
     assert torch.allclose(fine, x - up)
+
+
+def _zero_padded_binomial_blur(x):
+    # The full 5x5 kernel in one conv, independent of the library's separable passes.
+    taps = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=x.dtype)
+    kernel = (taps[:, None] * taps[None, :] / 256.0).expand(x.shape[1], 1, 5, 5)
+    return F.conv2d(x, kernel, padding=2, groups=x.shape[1])
+
+
+def test_blur_maxpool_kind_matches_the_public_code_operators():
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    fine, coarse = LaplacianPyramid(2, kind="blur_maxpool")(x)[0]
+    expected_coarse = F.max_pool2d(_zero_padded_binomial_blur(x), 2)
+    assert torch.allclose(coarse, expected_coarse, rtol=0, atol=1e-12)
+    up = _zero_padded_binomial_blur(F.interpolate(coarse, scale_factor=2, mode="nearest"))
+    assert torch.allclose(fine, x - up, rtol=0, atol=1e-12)
 
 
 def test_one_level_is_the_identity():
@@ -174,7 +192,8 @@ def test_module_operators_are_registered():
         ({"levels": 0}, "levels must be an int >= 1, received 0"),
         ({"levels": 2.0}, "levels must be an int >= 1, received 2.0"),
         ({"levels": True}, "levels must be an int >= 1, received True"),
-        ({"kind": "laplace"}, r"kind must be one of \['gaussian', 'maxpool'\], received 'laplace'"),
+        ({"kind": "laplace"},
+         r"kind must be one of \['gaussian', 'maxpool', 'blur_maxpool'\], received 'laplace'"),
         ({"down": 3}, "down must be callable or None, received int"),
         ({"up": "bilinear"}, "up must be callable or None, received str"),
     ],

@@ -38,12 +38,18 @@ def coupling_cases(draw, *, small: bool = False, batch=None):
         batch=batch,
     ))
     channels = levels[0].shape[1]
-    volume_norm = draw(st.sampled_from(VOLUME_NORMS))
+    options = {
+        "volume_norm": draw(st.sampled_from(VOLUME_NORMS)),
+        "resize": draw(st.sampled_from(["bilinear", "nearest"])),
+        "bias": draw(st.booleans()),
+        "clamp_kind": draw(st.sampled_from(["tanh", "atan"])),
+    }
     if dual:
-        module = DualPyramidCoupling(channels, target=1, volume_norm=volume_norm)
+        module = DualPyramidCoupling(channels, target=1, **options)
     else:
         target, source = draw(st.permutations(range(len(levels))))[:2]
-        module = PyramidCoupling(channels, target=target, source=source, volume_norm=volume_norm)
+        module = PyramidCoupling(channels, target=target, source=source, **options,
+                                 condition_at=draw(st.sampled_from(["source", "target"])))
     return randomize_conditioner(module).to(levels[0].dtype), levels
 
 
@@ -128,6 +134,38 @@ def test_pyramid_coupling_applies_affine_then_1x1_on_the_target_only(target, sou
     assert torch.allclose(logdet, s.sum(dim=(1, 2, 3)) + conv_logdet)
     area = size[0] * size[1]
     assert torch.allclose(conv_logdet, area * module.mixer.log_scale.sum().expand(2))
+
+
+@pytest.mark.parametrize(("target", "source"), [(0, 1), (1, 0), (0, 2)])
+def test_public_code_variant_nearest_conditioner_at_target_atan_clamp_no_bias(target, source):
+    module = PyramidCoupling(2, target=target, source=source, clamp=2.0, resize="nearest",
+                             condition_at="target", bias=False, clamp_kind="atan")
+    module = randomize_conditioner(module).double()
+    assert all(conv.bias is None for conv in (module.conditioner[0], module.conditioner[-1]))
+    levels = tuple(torch.randn(2, 2, 2 ** (3 - d), 2 ** (3 - d), dtype=torch.float64)
+                   for d in range(3))
+    seen = _capture_conditioner_input(module)
+    out, logdet = module(levels)
+    size = tuple(levels[target].shape[2:])
+    # The source is resized (nearest) to the target's size before the conditioner runs.
+    source_at_target = F.interpolate(levels[source], size=size, mode="nearest")
+    assert torch.equal(seen[0], source_at_target)
+    s, t = module.conditioner(source_at_target).chunk(2, dim=1)
+    s = 2.0 * 0.6366197723675814 * torch.atan(s / 2.0)
+    expected, conv_logdet = module.mixer(torch.exp(s) * levels[target] + t)
+    assert torch.allclose(out[target], expected)
+    assert torch.allclose(logdet, s.sum(dim=(1, 2, 3)) + conv_logdet)
+
+
+def test_nearest_resize_of_the_affine_parameters_at_the_source():
+    module = randomize_conditioner(PyramidCoupling(2, target=1, source=0, resize="nearest"))
+    levels = (torch.randn(1, 2, 8, 8).double(), torch.randn(1, 2, 4, 4).double())
+    module = module.double()
+    out, _ = module(levels)
+    params = F.interpolate(module.conditioner(levels[0]), size=(4, 4), mode="nearest")
+    s, t = params.chunk(2, dim=1)
+    expected, _ = module.mixer(torch.exp(torch.tanh(s / 2.0) * 2.0) * levels[1] + t)
+    assert torch.allclose(out[1], expected)
 
 
 def test_dual_coupling_conditions_on_both_resized_neighbours():
@@ -233,6 +271,13 @@ def test_untouched_levels_may_have_other_channel_counts():
          "target must be at least 1 .* received 0"),
         (DualPyramidCoupling, {"channels": 2, "volume_norm": "instance"},
          "mode must be one of"),
+        (DualPyramidCoupling, {"channels": 2, "resize": "cubic"},
+         r"resize must be one of \('bilinear', 'nearest'\), received 'cubic'"),
+        (PyramidCoupling, {"channels": 2, "condition_at": "finer"},
+         r"condition_at must be one of \('source', 'target'\), received 'finer'"),
+        (PyramidCoupling, {"channels": 2, "clamp_kind": "sigmoid"},
+         r"clamp_kind must be one of \('tanh', 'atan'\), received 'sigmoid'"),
+        (PyramidCoupling, {"channels": 2, "bias": "no"}, "bias must be a bool, received 'no'"),
     ],
 )
 def test_constructor_validates(cls, kwargs, match):
