@@ -45,14 +45,17 @@ def worker(task: str, size: int, steps: int) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from examples.pyramidflow.config import PyramidFlowConfig
-    from examples.pyramidflow.model import PyramidFlow
+    from examples.pyramidflow.model import LatentStatistics, PyramidFlow
 
     torch.manual_seed(0)
     config = PyramidFlowConfig(image_size=size, memory_saving=task != "train-autograd")
     model = PyramidFlow(config)
     if task == "inference":
         model.eval()
-        model.set_template(tuple(z[0] for z in model(torch.rand(1, 3, size, size))), 1)
+        with torch.no_grad():
+            latents = model(torch.rand(1, 3, size, size))
+        model.set_template(LatentStatistics(tuple(z[0] for z in latents),
+                                            tuple(z[0].square() for z in latents), 1))
         images = torch.rand(8, 3, size, size)
         times = []
         with torch.no_grad():

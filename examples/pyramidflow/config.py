@@ -7,18 +7,43 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PyramidFlowConfig", "MVTEC_TEXTURES", "mvtec_defaults"]
+__all__ = ["PRESETS", "PyramidFlowConfig", "MVTEC_TEXTURES", "mvtec_defaults"]
 
 MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 
 _CHOICES = {
     "volume_norm": ("channel", "spatial", "none"),
     "front": ("lifting", "resnet18"),
-    "pyramid": ("gaussian", "maxpool"),
-    "loss": ("fourier", "spatial"),
+    "normalize": ("imagenet", "none"),
+    "pyramid": ("gaussian", "maxpool", "blur_maxpool"),
+    "resize": ("bilinear", "nearest"),
+    "finest_condition_at": ("source", "target"),
+    "clamp_kind": ("tanh", "atan"),
+    "order": ("even_first", "odd_first"),
+    "loss": ("fourier", "fourier_channels", "spatial"),
     "template": ("mean", "zero"),
+    "score": ("difference", "standardized"),
     "localization": ("difference", "compose"),
 }
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The architecture and recipe of the paper's public code (gasharper/PyramidFlow), point by
+    # point; see docs/reproducing.rst for where each differs from this project's defaults.
+    "paper-code": {
+        "normalize": "imagenet",
+        "train_lifting": False,
+        "pyramid": "blur_maxpool",
+        "resize": "nearest",
+        "finest_condition_at": "target",
+        "hidden_factor": 2,
+        "conditioner_bias": False,
+        "clamp_kind": "atan",
+        "order": "odd_first",
+        "loss": "fourier",
+        "score": "difference",
+    },
+}
+"""Named sets of settings, applied by :meth:`PyramidFlowConfig.from_preset`."""
 
 
 @dataclass
@@ -34,12 +59,31 @@ class PyramidFlowConfig:
         front: ``"lifting"`` (the fully normalizing flow: a 3 -> C lifting 1×1 convolution) or
             ``"resnet18"`` (a frozen ResNet-18 stem at 1/4 resolution, 64 channels).
         resnet_weights: Local file with torchvision-format ResNet-18 weights (``resnet18`` only).
-        pyramid: Down/up operators of the Laplacian pyramid: ``"gaussian"`` or ``"maxpool"``.
+        normalize: ``"imagenet"`` standardises images with the ImageNet channel mean and std
+            before the front (the public code), ``"none"`` feeds ``[0, 1]`` values.
+        train_lifting: Train the lifting convolution; the public code keeps its orthogonal
+            initialisation fixed (the loss has no log-det term, so a trained W can shrink).
+        pyramid: Down/up operators of the Laplacian pyramid: ``"gaussian"``, ``"maxpool"`` or
+            ``"blur_maxpool"`` (the public code's blur-then-max-pool and nearest-then-blur).
+        resize: Interpolation between pyramid levels in the couplings, ``"bilinear"`` or
+            ``"nearest"``.
+        finest_condition_at: Where the coupling of level 0 (conditioned on level 1) runs its
+            conditioner: ``"source"`` (at level 1's size, resizing s and t) or ``"target"``
+            (resize level 1 up first and run it at level 0's size, as the public code does).
+        hidden_factor: Conditioner width as a multiple of ``channels`` (the public code: 2).
+        conditioner_bias: Give the conditioner convolutions a bias (the public code: no).
+        clamp_kind: Soft clamp of the log-scale: ``"tanh"`` or ``"atan"`` (the public code).
+        order: Couplings within a stack: ``"even_first"`` (levels 0, 2, ..., then 1, 3, ...)
+            or ``"odd_first"`` (1, 3, ..., then 0, 2, ...; the public code).
         image_size: Images are resized to ``image_size × image_size``; must be divisible by
             ``2^(levels - 1)`` (times 4 with ``resnet18``).
-        loss: ``"fourier"`` (eq. 9, mean ``|FFT2|`` of the composed differences) or
-            ``"spatial"`` (their plain mean; ablation IV).
+        loss: ``"fourier"`` (eq. 9 as the public code computes it: mean ``|FFT2|`` of the
+            channel mean of the composed squared differences), ``"fourier_channels"`` (mean
+            ``|FFT2|`` of every channel) or ``"spatial"`` (their plain mean; ablation IV).
         template: ``"mean"`` (mean training latent) or ``"zero"`` (ablation II).
+        score: ``"difference"`` (eq. 10, ``|z - z̄|``) or ``"standardized"``
+            (``|z - z̄| / σ``, σ the per-level, per-channel standard deviation of the training
+            latents, so every channel and level speaks in units of its normal spread).
         localization: ``"difference"`` (eq. 10: per-level differences, then composition) or
             ``"compose"`` (compose first, then difference; ablation III).
         memory_saving: Train with the memory-saving engine.
@@ -61,10 +105,19 @@ class PyramidFlowConfig:
     volume_norm: str = "channel"
     front: str = "lifting"
     resnet_weights: str | None = None
-    pyramid: str = "gaussian"
+    normalize: str = "imagenet"
+    train_lifting: bool = False
+    pyramid: str = "blur_maxpool"
+    resize: str = "nearest"
+    finest_condition_at: str = "target"
+    hidden_factor: int = 2
+    conditioner_bias: bool = False
+    clamp_kind: str = "atan"
+    order: str = "odd_first"
     image_size: int = 256
     loss: str = "fourier"
     template: str = "mean"
+    score: str = "difference"
     localization: str = "difference"
     memory_saving: bool = True
     epochs: int = 15
@@ -85,8 +138,12 @@ class PyramidFlowConfig:
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"config.{name} must be one of {allowed}, received {value!r}")
+        for name in ("train_lifting", "conditioner_bias", "memory_saving", "augment"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"config.{name} must be a bool, received "
+                                 f"{getattr(self, name)!r}")
         for name in ("channels", "levels", "depth", "kernel_size", "image_size", "epochs",
-                     "batch_size"):
+                     "batch_size", "hidden_factor"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"config.{name} must be a positive int, received {value!r}")
@@ -141,6 +198,19 @@ class PyramidFlowConfig:
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain JSON-compatible values."""
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> PyramidFlowConfig:
+        """A config from a named preset (:data:`PRESETS`), with further settings on top.
+
+        Example:
+            >>> config = PyramidFlowConfig.from_preset("paper-code", epochs=10)
+            >>> config.pyramid, config.train_lifting, config.epochs
+            ('blur_maxpool', False, 10)
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known presets are {sorted(PRESETS)}")
+        return cls.from_dict(PRESETS[name] | overrides)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PyramidFlowConfig:

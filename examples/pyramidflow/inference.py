@@ -16,7 +16,7 @@ from torch.nn import functional
 from torch.utils.data import DataLoader, Dataset
 
 from .datasets import Sample
-from .model import PyramidFlow
+from .model import LatentStatistics, PyramidFlow
 
 __all__ = [
     "ImageSource",
@@ -25,7 +25,7 @@ __all__ = [
     "as_dataset",
     "batch_maps",
     "image_batches",
-    "latent_sums",
+    "latent_statistics",
     "to_image_batch",
 ]
 
@@ -172,27 +172,33 @@ def anomaly_maps(model: PyramidFlow, data: ImageSource, *, batch_size: int = 8,
 
 
 @torch.no_grad()
-def latent_sums(model: PyramidFlow, data: ImageSource, *, batch_size: int = 8,
-                num_workers: int = 0) -> tuple[tuple[Tensor, ...], int]:
-    """Per-level sums of the eval-mode latents of ``data`` and the image count.
+def latent_statistics(model: PyramidFlow, data: ImageSource, *, batch_size: int = 8,
+                      num_workers: int = 0) -> LatentStatistics:
+    """Per-level sums of the eval-mode latents of ``data`` and of their squares.
 
-    The input of :meth:`PyramidFlow.set_template`; float64 sums keep the mean exact enough
-    over thousands of images.
+    The input of :meth:`PyramidFlow.set_template`; float64 sums keep the mean and the spread
+    exact enough over thousands of images.
+
+    Raises:
+        ValueError: If ``data`` holds no image.
     """
     was_training = model.training
     model.eval()
     sums: list[Tensor] | None = None
+    square_sums: list[Tensor] | None = None
     count = 0
     try:
         size = model.config.image_size
         for batch in image_batches(data, size, batch_size, num_workers):
-            latents = model(batch["image"].to(_device(model)))
-            parts = [z.double().sum(0) for z in latents]
+            latents = [z.double() for z in model(batch["image"].to(_device(model)))]
+            parts = [z.sum(0) for z in latents]
+            squares = [z.square().sum(0) for z in latents]
             sums = parts if sums is None else [s + p for s, p in zip(sums, parts)]
+            square_sums = squares if square_sums is None else [
+                s + p for s, p in zip(square_sums, squares)]
             count += len(batch["image"])
     finally:
         model.train(was_training)
-    if sums is None:
+    if sums is None or square_sums is None:
         raise ValueError("cannot compute a latent template from an empty image set")
-    dtype = next(model.parameters()).dtype
-    return tuple(s.to(dtype) for s in sums), count
+    return LatentStatistics(tuple(sums), tuple(square_sums), count)

@@ -9,6 +9,8 @@ dual coupling (Fig. 3d); every coupling ends with a PLU 1×1 convolution.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 from torch import Tensor, nn
 
@@ -17,12 +19,32 @@ import autoflow
 from .config import PyramidFlowConfig
 from .resnet_stem import ResNet18Stem
 
-__all__ = ["PyramidFlow", "pyramid_couplings"]
+__all__ = ["LatentStatistics", "PyramidFlow", "pyramid_couplings"]
+
+_IMAGE_STATISTICS = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
+
+
+class LatentStatistics(NamedTuple):
+    """Per-level sums of training latents and of their squares, over ``count`` images.
+
+    Attributes:
+        sums: Level ``d``: ``(C, H_d, W_d)`` sum of the latents (float64).
+        square_sums: Level ``d``: ``(C, H_d, W_d)`` sum of the squared latents (float64).
+        count: Number of images summed.
+    """
+
+    sums: tuple[Tensor, ...]
+    square_sums: tuple[Tensor, ...]
+    count: int
 
 
 def pyramid_couplings(
     channels: int, levels: int, depth: int, *, kernel_size: int = 7,
-    volume_norm: str | None = "channel",
+    volume_norm: str | None = "channel", order: str = "even_first",
+    finest_condition_at: str = "source", **options: Any,
 ) -> list[autoflow.InvertibleModule]:
     """The coupling blocks of PyramidFlow in the order of Fig. 3(e).
 
@@ -32,21 +54,39 @@ def pyramid_couplings(
         depth: Number of stacks ``D``.
         kernel_size: Conditioner kernel size.
         volume_norm: ``"channel"``, ``"spatial"`` or ``None``.
+        order: ``"even_first"`` (per stack, levels ``0, 2, 4, ...`` then ``1, 3, 5, ...``) or
+            ``"odd_first"`` (``1, 3, ...`` then ``0, 2, ...``, the public code's order).
+        finest_condition_at: ``condition_at`` of the level-0 coupling (see
+            :class:`autoflow.PyramidCoupling`); the coarsest level's coupling always runs its
+            conditioner at its source's (finer) size.
+        options: Further coupling arguments (``hidden_channels``, ``resize``, ``bias``,
+            ``clamp_kind``).
 
     Returns:
-        ``D * L`` couplings: per stack, levels ``0, 2, 4, ...`` then ``1, 3, 5, ...``.
+        ``D * L`` couplings, one per level and stack.
+
+    Example:
+        >>> blocks = pyramid_couplings(2, 4, 1, kernel_size=3, order="odd_first")
+        >>> [block.target for block in blocks]
+        [1, 3, 0, 2]
     """
+    if order not in ("even_first", "odd_first"):
+        raise ValueError(f"order must be 'even_first' or 'odd_first', received {order!r}")
+    parities = (0, 1) if order == "even_first" else (1, 0)
     blocks: list[autoflow.InvertibleModule] = []
-    options = {"kernel_size": kernel_size, "volume_norm": volume_norm}
+    options |= {"kernel_size": kernel_size, "volume_norm": volume_norm}
     for _ in range(depth):
-        for first in (0, 1):
+        for first in parities:
             for level in range(first, levels, 2):
                 if 0 < level < levels - 1:
                     blocks.append(autoflow.DualPyramidCoupling(channels, target=level, **options))
-                else:
-                    source = 1 if level == 0 else levels - 2
+                elif level == 0:
                     blocks.append(autoflow.PyramidCoupling(
-                        channels, target=level, source=source, **options))
+                        channels, target=0, source=1, condition_at=finest_condition_at,
+                        **options))
+                else:
+                    blocks.append(autoflow.PyramidCoupling(
+                        channels, target=level, source=levels - 2, **options))
     return blocks
 
 
@@ -74,21 +114,34 @@ class PyramidFlow(nn.Module):
                 raise ValueError("front='resnet18' needs config.resnet_weights, a local file "
                                  "with torchvision ResNet-18 weights")
             front = ResNet18Stem(config.resnet_weights)
+        if not config.train_lifting:
+            front.requires_grad_(False)
         volume_norm = None if config.volume_norm == "none" else config.volume_norm
         self.pyramid = autoflow.LaplacianPyramid(config.levels, kind=config.pyramid)
         self.flow = autoflow.Sequential(
             front,
             self.pyramid,
-            *pyramid_couplings(config.channels, config.levels, config.depth,
-                               kernel_size=config.kernel_size, volume_norm=volume_norm),
+            *pyramid_couplings(
+                config.channels, config.levels, config.depth, kernel_size=config.kernel_size,
+                volume_norm=volume_norm, order=config.order,
+                finest_condition_at=config.finest_condition_at,
+                hidden_channels=config.hidden_factor * config.channels,
+                resize=config.resize, bias=config.conditioner_bias,
+                clamp_kind=config.clamp_kind),
             memory_saving=config.memory_saving,
         )
-        # The latent template (mean training latent per level); set by set_template.
+        # The ResNet-18 stem standardises its input itself.
+        mean, std = _IMAGE_STATISTICS["none" if config.front == "resnet18" else config.normalize]
+        self.register_buffer("image_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        # The latent template (mean training latent per level) and the per-level, per-channel
+        # spread of the training latents around it; set by set_template.
         self.template: tuple[Tensor, ...] | None = None
+        self.spread: tuple[Tensor, ...] | None = None
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         """Latent pyramid ``(z_0, ..., z_{L-1})`` of ``(B, 3, H, W)`` images in ``[0, 1]``."""
-        latents, _ = self.flow(images)
+        latents, _ = self.flow((images - self.image_mean) / self.image_std)
         return latents
 
     def compose(self, levels: tuple[Tensor, ...]) -> Tensor:
@@ -107,31 +160,40 @@ class PyramidFlow(nn.Module):
         composed = self.compose(differences)
         if self.config.loss == "spatial":
             return composed.mean()
+        if self.config.loss == "fourier":
+            composed = composed.mean(1)
         return torch.fft.fft2(composed).abs().mean()
 
     @torch.no_grad()
-    def set_template(self, latent_sums: tuple[Tensor, ...], count: int) -> None:
-        """Store the latent template from per-level sums over ``count`` training images."""
+    def set_template(self, stats: LatentStatistics) -> None:
+        """Store the latent template and spread from statistics of the training latents."""
+        mean = tuple(s / stats.count for s in stats.sums)
+        variance = tuple((q / stats.count - m.square()).mean(dim=(1, 2), keepdim=True)
+                         for q, m in zip(stats.square_sums, mean))
         if self.config.template == "zero":
-            self.template = tuple(torch.zeros_like(s[:1]) for s in latent_sums)
-        else:
-            self.template = tuple((s / count)[None] if s.dim() == 3 else s / count
-                                  for s in latent_sums)
+            mean = tuple(torch.zeros_like(m) for m in mean)
+        dtype = self.image_mean.dtype
+        self.template = tuple(m[None].to(dtype) for m in mean)
+        # A floor keeps a channel that never varied in training from dividing by zero.
+        self.spread = tuple(v.clamp_min(1e-12).sqrt()[None].to(dtype) for v in variance)
 
     def anomaly_map(self, latents: tuple[Tensor, ...], size: tuple[int, int]) -> Tensor:
         """Eq. 10: ``L_com({|z_d - z̄_d|})`` averaged over channels, at ``size``; ``(B, H, W)``.
 
-        With ``config.localization == "compose"`` the latents and the template are composed
-        first and differenced after (ablation III).
+        With ``config.score == "standardized"`` each difference is divided by its level's and
+        channel's spread first. With ``config.localization == "compose"`` the latents and the
+        template are composed first and differenced after (ablation III).
         """
-        if self.template is None:
+        if self.template is None or self.spread is None:
             raise RuntimeError("the model has no latent template yet: fit it first")
         template = tuple(t.to(z) for t, z in zip(self.template, latents))
         if self.config.localization == "compose":
             score = (self.compose(latents) - self.compose(template)).abs().mean(1, keepdim=True)
         else:
-            score = self.compose(tuple((z - t).abs().mean(1, keepdim=True)
-                                       for z, t in zip(latents, template)))
+            differences = [(z - t).abs() for z, t in zip(latents, template)]
+            if self.config.score == "standardized":
+                differences = [d / s.to(d) for d, s in zip(differences, self.spread)]
+            score = self.compose(tuple(d.mean(1, keepdim=True) for d in differences))
         if tuple(score.shape[-2:]) != tuple(size):  # the ResNet front works at 1/4 resolution
             score = nn.functional.interpolate(score, size=size, mode="bilinear",
                                               align_corners=False)
@@ -149,5 +211,5 @@ class PyramidFlow(nn.Module):
         if self.config.front != "lifting":
             raise ValueError("an image template needs the invertible lifting front; the "
                              "ResNet-18 stem has no inverse")
-        image, _ = self.flow.inverse(self.template)
-        return image[0]
+        features, _ = self.flow.inverse(self.template)
+        return (features * self.image_std + self.image_mean)[0]

@@ -5,7 +5,8 @@ clipping, a fixed number of epochs (no model selection on test data), the Fourie
 over all pairs of a batch of normal images, and random flips and 90° rotations for textures.
 After training, in eval mode:
 
-* the latent template is the mean latent of the training images (eq. 10's ``z̄_d``);
+* the latent template is the mean latent of the training images (eq. 10's ``z̄_d``), and the
+  spread their per-level, per-channel standard deviation around it;
 * a ``config.holdout`` fraction of the normal training images (at least one image), drawn by
   the seed and never trained on, sets the decision thresholds: the image threshold is the
   ``config.image_quantile`` quantile of their image scores (the maximum of each anomaly map),
@@ -19,10 +20,11 @@ run.
 A checkpoint is one ``torch.save`` file of plain tensors, numbers, strings, lists and dicts
 (loaded with ``weights_only=True``)::
 
-    format      "pyramidflow-checkpoint"       version     1
+    format      "pyramidflow-checkpoint"       version     2
     config      the config as a JSON string    epoch       epochs completed
     model       the model's state dict         optimizer   Adam's state dict, or None
     template    per-level latent template, or None until training ends
+    spread      per-level, per-channel spread of the training latents, or None likewise
     thresholds  {"image": float, "pixel": float}, or None
     holdout     indices of the held-out images, or None
 """
@@ -43,7 +45,13 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from .config import PyramidFlowConfig
-from .inference import ImageSource, anomaly_maps, as_dataset, latent_sums, to_image_batch
+from .inference import (
+    ImageSource,
+    anomaly_maps,
+    as_dataset,
+    latent_statistics,
+    to_image_batch,
+)
 from .model import PyramidFlow
 
 __all__ = [
@@ -63,9 +71,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "pyramidflow-checkpoint"
-_CHECKPOINT_VERSION = 1
+_CHECKPOINT_VERSION = 2
 _CHECKPOINT_KEYS = ("format", "version", "config", "epoch", "model", "optimizer", "template",
-                    "thresholds", "holdout")
+                    "spread", "thresholds", "holdout")
 # Settings that may differ when resuming: more epochs continue a finished run.
 _RESUMABLE_CHANGES = ("epochs",)
 
@@ -232,8 +240,8 @@ def train(
                             holdout=holdout_indices)
 
     model.eval()
-    model.set_template(*latent_sums(model, train_set, batch_size=config.batch_size,
-                                    num_workers=num_workers))
+    model.set_template(latent_statistics(model, train_set, batch_size=config.batch_size,
+                                         num_workers=num_workers))
     thresholds = None
     if holdout_indices:
         thresholds = calibrate(model, Subset(dataset, holdout_indices), num_workers=num_workers)
@@ -326,6 +334,7 @@ def save_checkpoint(
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "template": None if model.template is None
         else [t.detach().cpu() for t in model.template],
+        "spread": None if model.spread is None else [t.detach().cpu() for t in model.spread],
         "thresholds": None if thresholds is None
         else {"image": thresholds.image, "pixel": thresholds.pixel},
         "holdout": None if holdout is None else [int(i) for i in holdout],
@@ -377,8 +386,8 @@ def model_from_checkpoint(checkpoint: dict[str, Any],
     model = PyramidFlow(checkpoint["config"])
     model.load_state_dict(checkpoint["model"])
     if checkpoint["template"] is not None:
-        # A stored template already has its batch axis: a "sum" over one image.
-        model.set_template(tuple(checkpoint["template"]), 1)
+        model.template = tuple(checkpoint["template"])
+        model.spread = tuple(checkpoint["spread"])
     return model.to(device).eval()
 
 
