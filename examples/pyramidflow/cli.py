@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .config import PyramidFlowConfig, mvtec_defaults
+from .config import PRESETS, PyramidFlowConfig, mvtec_defaults
 from .datasets import BTAD, AnomalyImageDataset, ImageFolder, MVTecAD
 from .detector import Detector
 from .evaluate import collect_maps, metrics_from_maps, results_table, write_results
@@ -181,6 +181,10 @@ def _add_config_flags(parser: argparse.ArgumentParser,
     group = parser.add_argument_group(
         "config", "settings of PyramidFlowConfig; with --dataset mvtec, volume_norm, levels and "
                   "augment default to the paper's per-category recipe (mvtec_defaults)")
+    group.add_argument("--preset", choices=sorted(PRESETS),
+                       help="start from a named preset: 'paper-code' reproduces the public "
+                            "PyramidFlow code's architecture and recipe; flags given "
+                            "explicitly still win")
     helps = _field_help()
     shown = PyramidFlowConfig().to_dict() | (defaults or {})
     for field in dataclasses.fields(PyramidFlowConfig):
@@ -219,7 +223,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _make_config(base: dict[str, Any], args: argparse.Namespace) -> PyramidFlowConfig:
-    return PyramidFlowConfig.from_dict(PyramidFlowConfig().to_dict() | base | _overrides(args))
+    # Precedence: the config's defaults, then the preset, then the dataset's (or a resumed
+    # run's) settings, then explicit flags.
+    preset = PRESETS[args.preset] if getattr(args, "preset", None) else {}
+    return PyramidFlowConfig.from_dict(
+        PyramidFlowConfig().to_dict() | preset | base | _overrides(args))
 
 
 # --- datasets ---------------------------------------------------------------------------------

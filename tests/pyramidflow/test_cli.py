@@ -50,6 +50,20 @@ def test_booleans_are_flags_not_strings():
         parser.parse_args(["demo", "--augment", "False"])
 
 
+def test_preset_flag_sets_the_public_code_recipe_and_explicit_flags_win():
+    from examples.pyramidflow.cli import _make_config
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "--dataset", "synthetic", "--kind", "texture",
+                              "--preset", "paper-code", "--resize", "bilinear"])
+    config = _make_config({"levels": 2}, args)
+    assert (config.pyramid, config.order, config.train_lifting) == (
+        "blur_maxpool", "odd_first", False)
+    assert config.resize == "bilinear" and config.levels == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--preset", "paper"])
+
+
 def test_demo_writes_a_run_and_localises_defects(demo_run):
     for kind in ("texture", "object"):
         folder = demo_run / kind
