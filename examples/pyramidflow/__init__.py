@@ -15,6 +15,7 @@ from .detector import Detector, Prediction
 from .evaluate import evaluate_model, results_table, write_results
 from .metrics import aupro, image_auroc, pixel_auroc
 from .model import PyramidFlow
+from .photos import PhotoDefects
 from .synthetic import SyntheticDefects
 from .train import Thresholds, TrainingResult, train
 
@@ -25,6 +26,7 @@ __all__ = [
     "Detector",
     "ImageFolder",
     "MVTecAD",
+    "PhotoDefects",
     "Prediction",
     "PyramidFlow",
     "PyramidFlowConfig",
