@@ -101,7 +101,7 @@ _SOURCES = {
     "hubble": _Source("hubble_deep_field", 192, turns=True, gray=False),
     "ihc": _Source("immunohistochemistry", 160, turns=True, gray=False),
     # The moon is lit from one side; turning it would change the light's direction.
-    "moon": _Source("moon", 160, turns=False, gray=True),
+    "moon": _Source("moon", 192, turns=False, gray=True),
     "rocket": _Source("rocket", None, turns=False, gray=False),
     "camera": _Source("camera", None, turns=False, gray=True),
     "flower": _Source("flower", None, turns=False, gray=False),
@@ -482,7 +482,7 @@ def _cut(rng: np.random.Generator, scene: _Scene) -> Painting:
         # A notch: pull the centre onto the nearest image edge.
         edge = int(np.argmin([centre[0], size - 1 - centre[0], centre[1], size - 1 - centre[1]]))
         centre[edge // 2] = 0.0 if edge % 2 == 0 else size - 1.0
-    region, _ = _blob(rng, scene, 0.03, 0.14, centre, wobble=0.35)
+    region, _ = _blob(rng, scene, 0.025, 0.1, centre, wobble=0.35)
     noise = rng.normal(0.0, 0.01, (3, size, size))
     return _col(scene.void) + noise, region
 
@@ -492,22 +492,29 @@ def _stain(rng: np.random.Generator, scene: _Scene) -> Painting:
     hue = rng.uniform(0.0, 1.0)
     colour = np.clip(np.abs((hue * 6 + np.array([0.0, 4.0, 2.0])) % 6 - 3) - 1, 0, 1)
     colour = rng.uniform(0.3, 0.9) * (0.3 + 0.7 * colour)
-    region, relative = _blob(rng, scene, 0.05, 0.2)
+    region, relative = _blob(rng, scene, 0.06, 0.24)
     alpha = rng.uniform(0.3, 0.6) * np.clip(1.0 - relative**2, 0.0, 1.0)
     return scene.normal * (1 - alpha) + _col(colour) * alpha, region
 
 
 def _patch(rng: np.random.Generator, scene: _Scene) -> Painting:
-    """A piece of a different photo stuck on."""
+    """A piece of a different photo set in, toned to match what it replaces.
+
+    Matching the mean and spread of the pixels it covers makes the patch stand out
+    by its texture, not by a brightness that any distance to the mean image would see.
+    """
     size = scene.grid[0].shape[0]
     region, _ = _blob(rng, scene, 0.03, 0.12)
-    rows, cols = np.nonzero(region)
-    if rows.size == 0:
+    if not region.any():
         return scene.normal, region
     foreign = _foreign(_FOREIGN[int(rng.integers(len(_FOREIGN)))], size)
     top = int(rng.integers(foreign.shape[1] - size + 1))
     left = int(rng.integers(foreign.shape[2] - size + 1))
-    return foreign[:, top : top + size, left : left + size], region
+    piece = foreign[:, top : top + size, left : left + size]
+    under, over = scene.normal[:, region], piece[:, region]
+    spread = under.std(axis=1) * rng.uniform(1.0, 2.0) + 0.03
+    toned = (piece - _col(over.mean(axis=1))) / _col(over.std(axis=1) + 1e-3)
+    return _col(under.mean(axis=1)) + toned * _col(spread), region
 
 
 def _blur(rng: np.random.Generator, scene: _Scene) -> Painting:
