@@ -41,6 +41,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "order": "odd_first",
         "loss": "fourier",
         "score": "difference",
+        "smoothing": 0.0,
+        "test_time_flips": False,
     },
 }
 """Named sets of settings, applied by :meth:`PyramidFlowConfig.from_preset`."""
@@ -86,6 +88,10 @@ class PyramidFlowConfig:
             latents, so every channel and level speaks in units of its normal spread).
         localization: ``"difference"`` (eq. 10: per-level differences, then composition) or
             ``"compose"`` (compose first, then difference; ablation III).
+        smoothing: Standard deviation in pixels of a Gaussian blur of the anomaly map (0: none,
+            as in the public code).
+        test_time_flips: Average the anomaly maps of the 8 flips and 90° rotations of each
+            image (meant for textures, whose appearance has no orientation).
         memory_saving: Train with the memory-saving engine.
         epochs: Training epochs (fixed: no model selection on test data).
         batch_size: Images per step; the loss uses all pairs within a batch (at least 2).
@@ -119,6 +125,8 @@ class PyramidFlowConfig:
     template: str = "mean"
     score: str = "difference"
     localization: str = "difference"
+    smoothing: float = 0.0
+    test_time_flips: bool = False
     memory_saving: bool = True
     epochs: int = 15
     batch_size: int = 2
@@ -138,7 +146,8 @@ class PyramidFlowConfig:
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"config.{name} must be one of {allowed}, received {value!r}")
-        for name in ("train_lifting", "conditioner_bias", "memory_saving", "augment"):
+        for name in ("train_lifting", "conditioner_bias", "memory_saving", "augment",
+                     "test_time_flips"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"config.{name} must be a bool, received "
                                  f"{getattr(self, name)!r}")
@@ -189,6 +198,8 @@ class PyramidFlowConfig:
                 "a number of at least 0")
         require(number(self.grad_clip) and self.grad_clip > 0, "grad_clip",
                 "a positive number")
+        require(number(self.smoothing) and self.smoothing >= 0, "smoothing",
+                "a number of at least 0")
         for name in ("image_quantile", "pixel_quantile"):
             value = getattr(self, name)
             require(number(value) and 0 <= value <= 1, name, "a quantile in [0, 1]")

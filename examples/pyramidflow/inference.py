@@ -8,6 +8,7 @@ be floats in ``[0, 1]``.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -158,7 +159,18 @@ def batch_maps(model: PyramidFlow, images: Tensor) -> Tensor:
     try:
         size = model.config.image_size
         images = to_image_batch(images, size).to(_device(model))
-        return model.anomaly_map(model(images), (size, size)).float().cpu()
+        if not model.config.test_time_flips:
+            return model.anomaly_map(model(images), (size, size)).float().cpu()
+        total = torch.zeros(len(images), size, size, device=images.device)
+        for turns, flip in itertools.product(range(4), (False, True)):
+            def view(x: Tensor, turns: int = turns, flip: bool = flip) -> Tensor:
+                x = x.flip(-1) if flip else x
+                return x.rot90(turns, (-2, -1))
+            maps = model.anomaly_map(model(view(images)), (size, size))
+            # Undo the view on the map: rotate back, then flip back.
+            maps = maps.rot90(-turns, (-2, -1))
+            total += maps.flip(-1) if flip else maps
+        return (total / 8).float().cpu()
     finally:
         model.train(was_training)
 

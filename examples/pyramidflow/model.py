@@ -9,6 +9,7 @@ dual coupling (Fig. 3d); every coupling ends with a PLU 1×1 convolution.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -19,7 +20,7 @@ import autoflow
 from .config import PyramidFlowConfig
 from .resnet_stem import ResNet18Stem
 
-__all__ = ["LatentStatistics", "PyramidFlow", "pyramid_couplings"]
+__all__ = ["LatentStatistics", "PyramidFlow", "gaussian_blur", "pyramid_couplings"]
 
 _IMAGE_STATISTICS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -88,6 +89,24 @@ def pyramid_couplings(
                     blocks.append(autoflow.PyramidCoupling(
                         channels, target=level, source=levels - 2, **options))
     return blocks
+
+
+def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
+    """Blur ``(B, 1, H, W)`` maps with a Gaussian of ``sigma`` pixels (reflect padding).
+
+    The kernel spans ``±3 sigma`` (clipped to the map size) and is applied as two 1-D passes.
+
+    Example:
+        >>> gaussian_blur(torch.ones(1, 1, 8, 8), 2.0).allclose(torch.ones(1, 1, 8, 8))
+        True
+    """
+    radius = min(math.ceil(3 * sigma), maps.shape[-2] - 1, maps.shape[-1] - 1)
+    offsets = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    taps = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    taps = taps / taps.sum()
+    padded = nn.functional.pad(maps, (radius, radius, radius, radius), mode="reflect")
+    rows = nn.functional.conv2d(padded, taps.view(1, 1, -1, 1))
+    return nn.functional.conv2d(rows, taps.view(1, 1, 1, -1))
 
 
 class PyramidFlow(nn.Module):
@@ -181,8 +200,9 @@ class PyramidFlow(nn.Module):
         """Eq. 10: ``L_com({|z_d - z̄_d|})`` averaged over channels, at ``size``; ``(B, H, W)``.
 
         With ``config.score == "standardized"`` each difference is divided by its level's and
-        channel's spread first. With ``config.localization == "compose"`` the latents and the
-        template are composed first and differenced after (ablation III).
+        channel's spread first; with ``config.smoothing > 0`` the map is blurred with a
+        Gaussian of that many pixels at the end. With ``config.localization == "compose"``
+        the latents and the template are composed first and differenced after (ablation III).
         """
         if self.template is None or self.spread is None:
             raise RuntimeError("the model has no latent template yet: fit it first")
@@ -197,6 +217,8 @@ class PyramidFlow(nn.Module):
         if tuple(score.shape[-2:]) != tuple(size):  # the ResNet front works at 1/4 resolution
             score = nn.functional.interpolate(score, size=size, mode="bilinear",
                                               align_corners=False)
+        if self.config.smoothing > 0:
+            score = gaussian_blur(score, self.config.smoothing)
         return score[:, 0]
 
     @torch.no_grad()
