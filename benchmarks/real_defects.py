@@ -90,26 +90,18 @@ def run_job(category: str, base: str, changes: dict[str, Any], epochs: int, thre
 
     sys.path.insert(0, str(ROOT))
     from examples.pyramidflow import PyramidFlowConfig, evaluate_model, train
-    from examples.pyramidflow.inference import latent_statistics
-    from examples.pyramidflow.model import PyramidFlow
     from examples.pyramidflow.photos import PHOTO_OBJECTS, PhotoDefects
 
     torch.set_num_threads(threads)
-    settings = {"image_size": 128, "epochs": max(epochs, 1), "batch_size": 2, "holdout": 0.0,
+    settings = {"image_size": 128, "epochs": epochs, "batch_size": 2, "holdout": 0.0,
                 "seed": 0, **group_settings(category), **changes}
     config = (PyramidFlowConfig.from_preset(base, **settings) if base != "default"
               else PyramidFlowConfig(**settings))
     train_set = PhotoDefects(category, "train", train_images, image_size=128)
     test_set = PhotoDefects(category, "test", test_images, image_size=128)
     started = time.perf_counter()
-    if epochs == 0:
-        torch.manual_seed(config.seed)
-        model = PyramidFlow(config).eval()
-        model.set_template(latent_statistics(model, train_set, batch_size=config.batch_size))
-        losses: list[float] = []
-    else:
-        result = train(config, train_set, progress=False)
-        model, losses = result.model, result.losses
+    result = train(config, train_set, progress=False)  # epochs=0: the untrained baseline
+    model, losses = result.model, result.losses
     trained = time.perf_counter() - started
     own = {name: getattr(config, name) for name in SCORE_FIELDS}
     scorings = {"own": own} | (SCORINGS if explore else {})

@@ -288,7 +288,7 @@ def _datasets(spec: dict[str, Any], image_size: int, split: str) -> Any:
 def _demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     config = _make_config(DEMO_DEFAULTS, args)
-    results = {}
+    results, baseline = {}, {}
     for kind in _DEMO_KINDS:
         spec = {"dataset": "synthetic", "kind": kind, "train_images": args.train_images,
                 "test_images": args.test_images, "data_seed": args.data_seed}
@@ -297,8 +297,15 @@ def _demo(args: argparse.Namespace) -> int:
         test_set = _datasets(spec, config.image_size, "test")
         results[kind] = _report(detector, test_set, folder, args.panels,
                                 full_range_aupro=False, workers=args.workers)
-    write_results(results, args.out, extra={"config": config.to_dict()})
+        # The same model without a training step: what training adds over it is the point.
+        untrained = Detector(config, device=args.device, epochs=0).fit(
+            _datasets(spec, config.image_size, "train"), num_workers=args.workers)
+        baseline[kind] = untrained.evaluate(test_set, num_workers=args.workers)
+    write_results(results, args.out, extra={"config": config.to_dict(),
+                                            "untrained": baseline})
     elapsed = time.perf_counter() - started
+    print(f"Untrained baseline (same model and template, no training step):\n"
+          f"{results_table(baseline)}\n\nTrained ({config.epochs} epochs):")
     print(results_table(results))
     print(f"\ndemo finished in {elapsed:.1f} s; results, heatmaps and templates in {args.out}")
     return 0

@@ -93,7 +93,9 @@ class PyramidFlowConfig:
         test_time_flips: Average the anomaly maps of the 8 flips and 90° rotations of each
             image (meant for textures, whose appearance has no orientation).
         memory_saving: Train with the memory-saving engine.
-        epochs: Training epochs (fixed: no model selection on test data).
+        epochs: Training epochs (fixed: no model selection on test data). 0 trains nothing
+            and gives the untrained baseline: the template and thresholds of the initial
+            model.
         batch_size: Images per step; the loss uses all pairs within a batch (at least 2).
         learning_rate, betas, eps, weight_decay: Adam settings.
         grad_clip: Gradient-norm clip.
@@ -154,8 +156,10 @@ class PyramidFlowConfig:
         for name in ("channels", "levels", "depth", "kernel_size", "image_size", "epochs",
                      "batch_size", "hidden_factor"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"config.{name} must be a positive int, received {value!r}")
+            least = 0 if name == "epochs" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"config.{name} must be an int of at least {least}, "
+                                 f"received {value!r}")
         if self.levels < 2:
             raise ValueError(f"config.levels must be at least 2 for pyramid couplings, "
                              f"received {self.levels}")

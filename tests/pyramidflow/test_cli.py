@@ -76,6 +76,8 @@ def test_demo_writes_a_run_and_localises_defects(demo_run):
         metrics = results["categories"][kind]
         assert metrics["resolution"] == [32, 32]
         assert metrics["pixel_auroc"] >= MIN_PIXEL_AUROC, (kind, metrics)
+    for kind in ("texture", "object"):  # the untrained baseline is reported beside it
+        assert set(results["untrained"][kind]) >= {"pixel_auroc", "aupro_0.3", "image_auroc"}
     table = (demo_run / "results.md").read_text()
     assert "| texture |" in table and "| **mean** |" in table and "32×32 pixels" in table
 

@@ -94,7 +94,8 @@ def test_unfitted_detector_says_so():
 
 
 @pytest.mark.parametrize(("overrides", "match"), [
-    ({"channels": 0}, "config.channels must be a positive int, received 0"),
+    ({"channels": 0}, "config.channels must be an int of at least 1, received 0"),
+    ({"epochs": -1}, "config.epochs must be an int of at least 0, received -1"),
     ({"colour": "red"}, r"unknown config keys \['colour'\]"),
     ({"image_size": 30, "levels": 3}, "must be divisible by 4 for 3 levels"),
     ({"volume_norm": "batch"}, "config.volume_norm must be one of"),
