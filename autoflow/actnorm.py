@@ -16,7 +16,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import InvertibleModule, Shape, check_dtype, check_image, check_image_shape, check_int
+from .base import (
+    InvertibleModule,
+    Shape,
+    check_dtype,
+    check_image,
+    check_image_shape,
+    check_int,
+    exact,
+)
 from .errors import AutoflowError
 
 __all__ = ["ActNorm"]
@@ -92,11 +100,13 @@ class ActNorm(InvertibleModule):
             AutoflowError: If ``x``'s dtype differs from the parameters'.
         """
         check_image(x, self.channels, self)
-        check_dtype(x, self.log_scale, self)
-        if self.training and not bool(self.initialized):
-            self.initialize(x)
-        y = (x + self.bias) * self.log_scale.exp()
-        return y, self._logdet(x)
+        dtype = check_dtype(x, self.log_scale, self)
+        with exact(x):
+            x = x.to(dtype)
+            if self.training and not bool(self.initialized):
+                self.initialize(x)
+            y = (x + self.bias.to(dtype)) * self.log_scale.to(dtype).exp()
+            return y, self._logdet(x)
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """Undo the affine map with the current parameters (never initialises).
@@ -112,9 +122,11 @@ class ActNorm(InvertibleModule):
             AutoflowError: If ``y``'s dtype differs from the parameters'.
         """
         check_image(y, self.channels, self)
-        check_dtype(y, self.log_scale, self)
-        x = y * (-self.log_scale).exp() - self.bias
-        return x, -self._logdet(y)
+        dtype = check_dtype(y, self.log_scale, self)
+        with exact(y):
+            y = y.to(dtype)
+            x = y * (-self.log_scale.to(dtype)).exp() - self.bias.to(dtype)
+            return x, -self._logdet(y)
 
     def output_shape(self, input_shape: Shape) -> Shape:
         return check_image_shape(input_shape, self.channels, self)

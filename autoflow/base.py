@@ -238,14 +238,37 @@ def check_int(value: object, name: str, owner: str, *, minimum: int = 1, why: st
     return value
 
 
-def check_dtype(x: Tensor, reference: Tensor, module: nn.Module, name: str = "input") -> None:
-    """Check that ``x`` has the dtype of ``module``'s parameter ``reference``.
+def check_dtype(
+    x: Tensor, reference: Tensor, module: nn.Module, name: str = "input"
+) -> torch.dtype:
+    """Check ``x``'s dtype against ``module``'s parameter ``reference``; return the map's dtype.
 
-    Mixing dtypes would either promote silently or fail deep inside ``F.conv2d`` with a bare
-    ``RuntimeError``; the module's dtype is the one the user chose.
+    Outside autocast, ``x`` must have the parameters' dtype: mixing dtypes would either promote
+    silently or fail deep inside ``F.conv2d`` with a bare ``RuntimeError``, and the module's
+    dtype is the one the user chose. Under autocast (for ``x``'s device) any floating input is
+    accepted, and the invertible map runs in at least float32 (``x``'s dtype promoted with the
+    parameters' and float32), with autocast switched off inside it (see :func:`exact`): a
+    1×1 convolution or affine map computed in bfloat16 would lose 8 bits per module, and the
+    memory-saving engine could not rebuild its input from its output.
+
+    Returns:
+        The dtype the map computes in.
+
+    Raises:
+        AutoflowError: For a dtype mismatch outside autocast.
     """
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        return torch.promote_types(torch.promote_types(x.dtype, reference.dtype), torch.float32)
     if x.dtype != reference.dtype:
         raise AutoflowError(
             f"{type(module).__name__} expected a {reference.dtype} {name} (its parameters' "
             f"dtype), received {x.dtype}; convert the module with .to({x.dtype}) or the input"
         )
+    return x.dtype
+
+
+def exact(x: Tensor) -> contextlib.AbstractContextManager:
+    """Switch autocast off for ``x``'s device while an invertible map runs (see check_dtype)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()

@@ -24,7 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import InvertibleModule, Shape, check_dtype, check_image, check_image_shape, check_int
+from .base import (
+    InvertibleModule,
+    Shape,
+    check_dtype,
+    check_image,
+    check_image_shape,
+    check_int,
+    exact,
+)
 from .errors import AutoflowError
 
 __all__ = ["InvConv1x1", "LiftingConv1x1"]
@@ -141,9 +149,11 @@ class InvConv1x1(InvertibleModule):
             AutoflowError: If ``x``'s dtype differs from the parameters'.
         """
         check_image(x, self.channels, self)
-        check_dtype(x, self.log_scale, self, "input")
-        y = F.conv2d(x, self.weight()[:, :, None, None])
-        return y, self._logdet(x)
+        dtype = check_dtype(x, self.log_scale, self, "input")
+        with exact(x):
+            x = x.to(dtype)
+            y = F.conv2d(x, self.weight().to(dtype)[:, :, None, None])
+            return y, self._logdet(x)
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """Apply ``A^{-1}`` at every pixel.
@@ -159,9 +169,11 @@ class InvConv1x1(InvertibleModule):
             AutoflowError: If ``y``'s dtype differs from the parameters'.
         """
         check_image(y, self.channels, self)
-        check_dtype(y, self.log_scale, self, "input")
-        x = F.conv2d(y, self.inverse_weight()[:, :, None, None])
-        return x, -self._logdet(y)
+        dtype = check_dtype(y, self.log_scale, self, "input")
+        with exact(y):
+            y = y.to(dtype)
+            x = F.conv2d(y, self.inverse_weight().to(dtype)[:, :, None, None])
+            return x, -self._logdet(y)
 
     def output_shape(self, input_shape: Shape) -> Shape:
         return check_image_shape(input_shape, self.channels, self)
@@ -258,9 +270,11 @@ class LiftingConv1x1(InvertibleModule):
             AutoflowError: If ``W`` is numerically rank-deficient or the dtype differs.
         """
         check_image(x, self.in_channels, self)
-        check_dtype(x, self.weight, self, "input")
-        _, r = self._qr()
-        return F.conv2d(x, self.weight[:, :, None, None]), self._volume(r, x)
+        dtype = check_dtype(x, self.weight, self, "input")
+        with exact(x):
+            x = x.to(dtype)
+            _, r = self._qr()
+            return F.conv2d(x, self.weight.to(dtype)[:, :, None, None]), self._volume(r, x)
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """Least-squares preimage of ``y``.
@@ -277,10 +291,12 @@ class LiftingConv1x1(InvertibleModule):
             AutoflowError: If ``W`` is numerically rank-deficient or the dtype differs.
         """
         check_image(y, self.channels, self)
-        check_dtype(y, self.weight, self, "input")
-        q, r = self._qr()
-        pinv = torch.linalg.solve_triangular(r, q.T, upper=True)
-        return F.conv2d(y, pinv[:, :, None, None]), -self._volume(r, y)
+        dtype = check_dtype(y, self.weight, self, "input")
+        with exact(y):
+            y = y.to(dtype)
+            q, r = self._qr()
+            pinv = torch.linalg.solve_triangular(r, q.T, upper=True)
+            return F.conv2d(y, pinv.to(dtype)[:, :, None, None]), -self._volume(r, y)
 
     def output_shape(self, input_shape: Shape) -> Shape:
         _, h, w = check_image_shape(input_shape, self.in_channels, self)

@@ -146,6 +146,7 @@ def affine_apply(x: Tensor, s: Tensor | None, t: Tensor) -> Tensor:
         >>> affine_apply(torch.ones(2), torch.zeros(2), torch.ones(2)).tolist()
         [2.0, 2.0]
     """
+    s, t = _at_precision_of(x, s, t)
     return x + t if s is None else torch.exp(s) * x + t
 
 
@@ -156,6 +157,7 @@ def affine_invert(y: Tensor, s: Tensor | None, t: Tensor) -> Tensor:
         >>> affine_invert(torch.full((2,), 2.0), torch.zeros(2), torch.ones(2)).tolist()
         [1.0, 1.0]
     """
+    s, t = _at_precision_of(y, s, t)
     return y - t if s is None else torch.exp(-s) * (y - t)
 
 
@@ -170,7 +172,19 @@ def log_scale_sum(s: Tensor | None, like: Tensor) -> Tensor:
         >>> log_scale_sum(torch.ones(2, 3, 1, 1), torch.empty(2, 3, 1, 1)).tolist()
         [3.0, 3.0]
     """
-    return like.new_zeros(like.shape[0]) if s is None else s.flatten(1).sum(1)
+    if s is None:
+        return like.new_zeros(like.shape[0])
+    return _at_precision_of(like, s, s)[0].flatten(1).sum(1)
+
+
+def _at_precision_of(x: Tensor, s: Tensor | None, t: Tensor) -> tuple[Tensor | None, Tensor]:
+    # Under autocast the conditioner returns s and t in half precision; the affine map and its
+    # log-det run in the transformed tensor's precision (at least float32), so that the inverse
+    # undoes the forward map exactly enough for the memory-saving engine to rebuild inputs.
+    if not torch.is_autocast_enabled(x.device.type):
+        return s, t
+    dtype = torch.promote_types(torch.promote_types(x.dtype, t.dtype), torch.float32)
+    return (None if s is None else s.to(dtype)), t.to(dtype)
 
 
 def _make_volume_norm(volume_norm: str | VolumeNorm | None, owner: str) -> VolumeNorm | None:

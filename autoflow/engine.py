@@ -10,14 +10,25 @@ and back-propagating through that module alone.
 Memory is then the state plus one module's graph, whatever ``D`` is; the price is about one extra
 forward evaluation per step.
 
-What the engine guarantees:
+What the engine guarantees (otherwise it raises :class:`~autoflow.EngineError`):
 
-* gradients equal those of plain autograd for inputs, parameters and log-dets;
-* parameters are looked up at call time, so freezing or adding parameters just works;
+* gradients equal those of plain autograd for inputs, log-dets and every tensor requiring grad
+  that a module's forward pass touches: its parameters, but also parameters of other modules it
+  reaches through a reference, and captured tensors (a condition computed by another network, a
+  hypernetwork's weight). They are found while the forward pass runs, by a
+  :class:`~torch.overrides.TorchFunctionMode` that notes every tensor argument requiring grad
+  (under ``no_grad`` nothing the module computes requires grad, so whatever does came from
+  outside); module writers declare nothing;
+* what a reconstruction needs is what the forward pass saw: the version counter of every such
+  tensor and of every buffer the module read without updating it is recorded, and a change
+  before backward (an optimizer step, an in-place edit) is refused, as autograd refuses;
+  train/eval mode of every submodule and the autocast state are recorded and restored;
 * module state (running statistics, data-dependent initialisation) is updated once, by the
-  forward pass: every buffer is restored after a reconstruction, and the random-number state
+  forward pass: buffers changed by a reconstruction are restored, and the random-number state
   each module saw is replayed, so dropout masks match;
-* the autocast state of the forward pass is restored for the reconstruction.
+* ``create_graph=True`` (double backward) is refused: rebuilt inputs carry no graph to the
+  chain's output, so second-order gradients cannot be right;
+* anchored inputs and the saved output are held by autograd and freed by the backward pass.
 
 Reconstruction error. Rebuilding inputs from outputs accumulates floating-point error through
 the chain: each inverse subtracts the shift ``t`` and divides by ``exp(s)``, so what is lost is
@@ -40,6 +51,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .base import (
     InvertibleModule,
@@ -58,6 +71,15 @@ from .errors import EngineError
 __all__ = ["EngineOptions", "run_memory_saving", "run_plain"]
 
 logger = logging.getLogger(__name__)
+
+# Version increments made by reconstructions themselves (a module's forward re-run in training
+# mode updates running statistics before the engine restores them), per tensor and across all
+# chains: they are not changes the backward pass has to refuse.
+_ENGINE_WRITES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _user_version(t: Tensor) -> int:
+    return t._version - _ENGINE_WRITES.get(t, 0)
 
 
 @dataclass
@@ -107,21 +129,25 @@ def run_memory_saving(
 
     Returns:
         The output state and the summed log-det (``None`` if a module reports none).
+
+    Raises:
+        EngineError: In debug mode, if a module produces NaN or infinity. During backward: if
+            a tensor the reconstruction needs changed in place after the forward pass, a
+            module's inverse does not undo its forward, backward runs twice without
+            ``retain_graph=True``, or ``create_graph=True`` is asked for.
     """
-    params: list[Tensor] = []
-    seen: set[int] = set()
-    for _, block in blocks:
-        for p in block.parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                params.append(p)
-    inputs = flatten_state(x)
-    if not torch.is_grad_enabled() or not (params or any(t.requires_grad for t in inputs)):
+    if not torch.is_grad_enabled():
         return run_plain(blocks, x, inverse=inverse, debug=options.debug)
-    plan = _Plan(blocks, x, params, options, inverse)
-    results = _MemorySavingChain.apply(plan, *inputs, *params)
-    outputs, logdet = results[:-1], results[-1]
-    return pack_like(list(outputs), plan.output_like), (logdet if plan.has_logdet else None)
+    inputs = flatten_state(x)
+    plan = _Plan(blocks, x, options, inverse)
+    outputs, logdet = plan.run_forward(x)
+    if not plan.externals and not any(t.requires_grad for t in inputs):
+        # Nothing requires grad, so plain autograd would build no graph either.
+        plan.pending = None
+        return pack_like(outputs, plan.output_like), logdet
+    results = _MemorySavingChain.apply(plan, *inputs, *plan.externals)
+    outputs, logdet = list(results[:-1]), results[-1]
+    return pack_like(outputs, plan.output_like), (logdet if plan.has_logdet else None)
 
 
 def _step(block: InvertibleModule, state: State, inverse: bool) -> tuple[State, Tensor | None]:
@@ -148,45 +174,218 @@ def _check_finite(name: str, state: State) -> None:
             raise EngineError(f"module '{name}' produced NaN or inf (debug check)")
 
 
-class _Plan:
-    """Everything the autograd function needs besides tensors, resolved at call time."""
+class _GradTensorRecorder(TorchFunctionMode):
+    """Note every tensor argument that requires grad, in order of first use.
 
-    def __init__(self, blocks, x, params, options, inverse):
+    Run around a module's forward under ``no_grad``: nothing computed there requires grad, so
+    each tensor found is a leaf or a captured tensor from outside the module, the set of tensors
+    the module's gradient flows to.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: dict[int, Tensor] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for arg in (*args, *kwargs.values()):
+            if isinstance(arg, Tensor):
+                if arg.requires_grad:
+                    self.found.setdefault(id(arg), arg)
+            elif isinstance(arg, (list, tuple)):  # torch.cat, torch.stack, ...
+                for item in arg:
+                    if isinstance(item, Tensor) and item.requires_grad:
+                        self.found.setdefault(id(item), item)
+        return func(*args, **kwargs)
+
+
+def _autocast_state(device_type: str) -> list[tuple[str, bool, torch.dtype, bool]]:
+    cache = torch.is_autocast_cache_enabled()
+    return [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind), cache)
+            for kind in sorted({device_type, "cpu"})]
+
+
+@contextlib.contextmanager
+def _autocast_as(states: list[tuple[str, bool, torch.dtype, bool]]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for kind, enabled, dtype, cache in states:
+            stack.enter_context(
+                torch.autocast(kind, dtype=dtype, enabled=enabled, cache_enabled=cache)
+            )
+        yield
+
+
+class _Plan:
+    """Everything the autograd function needs besides tensors, recorded by the forward pass."""
+
+    def __init__(self, blocks, x, options: EngineOptions, inverse: bool) -> None:
         self.blocks = list(blocks)
         # Only the structure of the input is kept, not its tensors, so nothing stays alive.
         self.input_like = structure_of(x)
         self.input_requires_grad = [t.requires_grad for t in flatten_state(x)]
         self.n_inputs = len(self.input_requires_grad)
-        self.params = params
         self.options = options
         self.inverse = inverse
         self.output_like: State = x
         self.has_logdet = True
         self.input_shapes: list = []
         self.rng_states: list = []
-        self.kept_inputs: dict[int, State] = {}
-        device = flatten_state(x)[0].device
-        self.device_type = device.type
-        self.autocast = (
-            torch.is_autocast_enabled(self.device_type),
-            torch.get_autocast_dtype(self.device_type),
-        )
+        self.training: list[list[bool]] = []
+        self.slots: list[list[tuple[dict, str, Tensor]]] = []
+        # Tensors requiring grad that the modules touched (inputs of the autograd function),
+        # and for each module the positions of those it touched.
+        self.externals: list[Tensor] = []
+        self.block_externals: list[list[int]] = []
+        # Per module, (tensor, version) pairs that must be unchanged when it is reconstructed.
+        self.watched: list[list[tuple[Tensor, int]]] = []
+        # Modules whose input is kept (anchors, or all in debug mode), with tensor counts.
+        self.kept: list[tuple[int, int, State]] = []
+        self.pending: tuple | None = None
+        self.device_type = flatten_state(x)[0].device.type
+        self.autocast = _autocast_state(self.device_type)
 
+    def keeps_input(self, i: int) -> bool:
+        anchor = self.options.anchor_every
+        return self.options.debug or (anchor is not None and i % anchor == 0)
+
+    def run_forward(self, x: State) -> tuple[list[Tensor], Tensor | None]:
+        """The graph-free forward pass; records what the backward pass will need."""
+        state = pack_like([t.detach() for t in flatten_state(x)], x)
+        position: dict[int, int] = {}
+        kept_tensors: list[Tensor] = []
+        logdets = []
+        recorder = _GradTensorRecorder()
+        with torch.no_grad():
+            for i, (name, block) in enumerate(self.blocks):
+                self.input_shapes.append(state_shape(state))
+                if self.keeps_input(i):
+                    tensors = flatten_state(state)
+                    self.kept.append((i, len(tensors), structure_of(state)))
+                    kept_tensors += tensors
+                self.rng_states.append(_rng_state(state) if self.options.preserve_rng_state
+                                       else None)
+                self.training.append([m.training for m in block.modules()])
+                self.slots.append(_slots(block))
+                buffers = list(block.buffers())
+                before = [b._version for b in buffers]
+                recorder.found = {}
+                with recorder:
+                    state, logdet = _step(block, state, self.inverse)
+                found = list(recorder.found.values())
+                ids = []
+                for t in found:
+                    k = position.setdefault(id(t), len(self.externals))
+                    if k == len(self.externals):
+                        self.externals.append(t)
+                    ids.append(k)
+                self.block_externals.append(ids)
+                # A buffer the forward pass updated is state (running statistics, an init
+                # flag), not an input of the map; any other buffer must stay as it was.
+                watched = [(t, _user_version(t)) for t in found]
+                watched += [(b, _user_version(b)) for b, v in zip(buffers, before)
+                            if b._version == v]
+                self.watched.append(watched)
+                if self.options.debug:
+                    _check_finite(name, state)
+                logdets.append(logdet)
+        total = sum_logdets(logdets)
+        self.output_like = structure_of(state)
+        self.has_logdet = total is not None
+        outputs = [t.detach() for t in flatten_state(state)]
+        self.pending = (outputs, None if total is None else total.detach(), kept_tensors)
+        return outputs, total
+
+    def check_versions(self, i: int) -> None:
+        name, block = self.blocks[i]
+        for t, expected in self.watched[i]:
+            if _user_version(t) != expected:
+                raise EngineError(
+                    f"memory-saving engine: module '{name}' ({type(block).__name__}) cannot be "
+                    f"reconstructed: {self._describe(block, t)} was modified in place after the "
+                    f"forward pass (version {expected} then, {_user_version(t)} now), so the "
+                    "backward pass would use other values than the forward pass did. Run backward "
+                    "before changing it (call optimizer.step() after backward), or change a copy"
+                )
+
+    def _describe(self, block: nn.Module, tensor: Tensor) -> str:
+        for kind, named in (("parameter", block.named_parameters()),
+                            ("buffer", block.named_buffers())):
+            for n, t in named:
+                if t is tensor:
+                    return f"its {kind} '{n}'"
+        for other, module in self.blocks:
+            for n, t in module.named_parameters():
+                if t is tensor:
+                    return f"parameter '{n}' of module '{other}', which it uses,"
+        return (f"a tensor of shape {tuple(tensor.shape)} that requires grad and that it uses "
+                "(not one of its own parameters)")
 
 @contextlib.contextmanager
 def _frozen_buffers(module: nn.Module) -> Iterator[None]:
-    """Restore every buffer of ``module`` on exit, so a reconstruction leaves no trace."""
-    saved = [(owner, name, buf.clone()) for owner in module.modules()
+    """Restore every buffer the reconstruction changed, so it leaves no trace."""
+    saved = [(owner, name, buf, buf._version, buf.clone()) for owner in module.modules()
              for name, buf in owner._buffers.items() if buf is not None]
     try:
         yield
     finally:
-        for owner, name, value in saved:
-            current = owner._buffers.get(name)
-            if current is not None and current.shape == value.shape:
-                current.copy_(value)
+        for owner, name, buf, version, value in saved:
+            if owner._buffers.get(name) is not buf:
+                owner._buffers[name] = buf  # replaced by the reconstruction: put it back
+            if buf._version != version:
+                _ENGINE_WRITES[buf] = _ENGINE_WRITES.get(buf, 0) + buf._version - version
+            # Copied back whatever its version says (batch norm updates running statistics
+            # without incrementing it), through .data so that the restore itself does not.
+            buf.data.copy_(value)
+
+
+@contextlib.contextmanager
+def _training_as(name: str, block: nn.Module, flags: list[bool]) -> Iterator[None]:
+    """Put every submodule in the train/eval mode it had during the forward pass."""
+    modules = list(block.modules())
+    current = [m.training for m in modules]
+    if current == flags:
+        yield
+        return
+    if len(modules) != len(flags):
+        raise EngineError(
+            f"memory-saving engine: module '{name}' ({type(block).__name__}) had "
+            f"{len(flags)} submodules in the forward pass and has {len(modules)} now; its "
+            "structure may not change between forward and backward"
+        )
+    for m, flag in zip(modules, flags):
+        m.training = flag
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, current):
+            m.training = flag
+
+
+def _slots(block: nn.Module) -> list[tuple[dict, str, Tensor]]:
+    return [(table, name, t) for m in block.modules()
+            for table in (m._parameters, m._buffers) for name, t in table.items()
+            if t is not None]
+
+
+@contextlib.contextmanager
+def _slots_as(slots: list[tuple[dict, str, Tensor]]) -> Iterator[None]:
+    """Put back the parameter and buffer tensors the forward pass used, if they were replaced.
+
+    ``torch.func.functional_call`` swaps tensors in only for the forward call, and a user may
+    assign a new parameter before backward: the reconstruction must use what the forward did.
+    """
+    replaced = [(table, name, table.get(name)) for table, name, t in slots
+                if table.get(name) is not t]
+    for table, name, t in slots:
+        table[name] = t
+    try:
+        yield
+    finally:
+        for table, name, current in replaced:
+            if current is None:
+                table.pop(name, None)
             else:
-                owner._buffers[name] = value
+                table[name] = current
 
 
 class _MemorySavingChain(torch.autograd.Function):
@@ -194,31 +393,14 @@ class _MemorySavingChain(torch.autograd.Function):
     def forward(ctx, plan: _Plan, *tensors: Tensor):
         ctx.plan = plan
         ctx.set_materialize_grads(False)
-        state = pack_like(list(tensors[: plan.n_inputs]), plan.input_like)
+        outputs, total, kept = plan.pending
+        plan.pending = None
         owned = {t.untyped_storage().data_ptr() for t in tensors}
-        logdets = []
-        keep_all = plan.options.debug
-        anchor = plan.options.anchor_every
-        with torch.no_grad():
-            for i, (name, block) in enumerate(plan.blocks):
-                plan.input_shapes.append(state_shape(state))
-                if keep_all or (anchor is not None and i % anchor == 0):
-                    plan.kept_inputs[i] = pack_like([t.detach() for t in flatten_state(state)],
-                                                    state)
-                plan.rng_states.append(_rng_state(state) if plan.options.preserve_rng_state
-                                       else None)
-                state, logdet = _step(block, state, plan.inverse)
-                if keep_all:
-                    _check_finite(name, state)
-                logdets.append(logdet)
-        total = sum_logdets(logdets)
-        plan.output_like = structure_of(state)
-        plan.has_logdet = total is not None
         # An output sharing storage with an input (a pass-through level) must be a new tensor:
         # autograd outputs may not alias the function's inputs.
-        outputs = [t.clone() if t.untyped_storage().data_ptr() in owned else t
-                   for t in flatten_state(state)]
-        ctx.save_for_backward(*outputs)
+        outputs = [t.clone() if t.untyped_storage().data_ptr() in owned else t for t in outputs]
+        # Saved through autograd, so the backward pass frees them (unless retain_graph=True).
+        ctx.save_for_backward(*outputs, *kept)
         if total is None:
             total = outputs[0].new_zeros(outputs[0].shape[0])
         return (*outputs, total)
@@ -226,55 +408,75 @@ class _MemorySavingChain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor | None):
         plan: _Plan = ctx.plan
+        if torch.is_grad_enabled():
+            first, last = plan.blocks[0][0], plan.blocks[-1][0]
+            raise EngineError(
+                f"memory-saving engine (modules '{first}' to '{last}'): create_graph=True "
+                "(double backward, e.g. a gradient penalty) is not supported, because rebuilt "
+                "inputs carry no graph to the chain's output and second-order gradients would "
+                "be wrong; run this step with memory_saving=False"
+            )
         try:
-            outputs = ctx.saved_tensors
+            saved = ctx.saved_tensors
         except RuntimeError as error:
+            if "freed" not in str(error):
+                raise EngineError(
+                    "memory-saving engine: the chain's output or a kept input was modified in "
+                    f"place after the forward pass ({error})"
+                ) from error
             raise EngineError(
                 "backward ran twice through a memory-saving chain whose saved outputs were "
                 "already freed; pass retain_graph=True to the first backward to run it again"
             ) from error
+        n_out = len(grads) - 1
+        outputs, rest = saved[:n_out], list(saved[n_out:])
+        kept: dict[int, State] = {}
+        for i, count, like in plan.kept:
+            kept[i] = pack_like(rest[:count], like)
+            rest = rest[count:]
         state = pack_like([t.detach() for t in outputs], plan.output_like)
         grad_state = [g if g is not None else torch.zeros_like(t)
                       for g, t in zip(grads[:-1], outputs)]
         grad_logdet = grads[-1] if plan.has_logdet else None
-        index = {id(p): k for k, p in enumerate(plan.params)}
-        param_grads: list[Tensor | None] = [None] * len(plan.params)
-        enabled, dtype = plan.autocast
+        external_grads: list[Tensor | None] = [None] * len(plan.externals)
         for i in reversed(range(len(plan.blocks))):
             name, block = plan.blocks[i]
+            plan.check_versions(i)
+            wanted = [plan.externals[k] for k in plan.block_externals[i]]
             # Buffers are restored only after the local backward: autograd checks that tensors
             # it saved (batch-norm running statistics) were not modified in between.
-            with _frozen_buffers(block):
-                with torch.enable_grad(), _replay_rng(plan.rng_states[i], state), torch.autocast(
-                    plan.device_type, dtype=dtype, enabled=enabled
+            with _training_as(name, block, plan.training[i]), _slots_as(plan.slots[i]), \
+                    _frozen_buffers(block):
+                with torch.enable_grad(), _replay_rng(plan.rng_states[i], state), _autocast_as(
+                    plan.autocast
                 ):
-                    rec = _reconstruct(plan, i, block, state)
+                    rec = _reconstruct(plan, i, block, state, kept.get(i))
                 rebuilt = rec.input_from_leaves([leaf.detach() for leaf in rec.leaves])
-                _check_reconstruction(plan, i, name, rebuilt)
-                block_params = [p for p in block.parameters() if id(p) in index]
-                leaf_grads, grads_of_params = _local_backward(
-                    rec, grad_state, grad_logdet, block_params
-                )
-            for p, g in zip(block_params, grads_of_params):
+                _check_reconstruction(plan, i, name, rebuilt, kept.get(i))
+                if plan.options.debug:
+                    _check_graph_leaves(name, block, rec, wanted)
+                leaf_grads, found = _local_backward(rec, grad_state, grad_logdet, wanted)
+            for k, g in zip(plan.block_externals[i], found):
                 if g is not None:
-                    k = index[id(p)]
-                    param_grads[k] = g if param_grads[k] is None else param_grads[k] + g
+                    # A tensor used by several modules gets the sum of their contributions.
+                    external_grads[k] = g if external_grads[k] is None else external_grads[k] + g
             state = rebuilt
             grad_state = flatten_state(rec.input_from_leaves(leaf_grads))
             del rec
         input_grads = [g if wanted else None
                        for g, wanted in zip(grad_state, plan.input_requires_grad)]
-        return (None, *input_grads, *param_grads)
+        return (None, *input_grads, *external_grads)
 
 
-def _reconstruct(plan: _Plan, i: int, block: InvertibleModule, state: State) -> Reconstruction:
-    kept = plan.kept_inputs.get(i)
+def _reconstruct(plan: _Plan, i: int, block: InvertibleModule, state: State,
+                 kept: State | None) -> Reconstruction:
     if kept is not None and not plan.options.debug:
         return recompute(block.inverse if plan.inverse else block, kept)
     return block.reconstruct_inverse(state) if plan.inverse else block.reconstruct(state)
 
 
-def _check_reconstruction(plan: _Plan, i: int, name: str, rebuilt: State) -> None:
+def _check_reconstruction(plan: _Plan, i: int, name: str, rebuilt: State,
+                          kept: State | None) -> None:
     if state_shape(rebuilt) != plan.input_shapes[i]:
         raise EngineError(
             f"module '{name}' reconstructed an input of shape {state_shape(rebuilt)}, but its "
@@ -282,14 +484,42 @@ def _check_reconstruction(plan: _Plan, i: int, name: str, rebuilt: State) -> Non
         )
     if plan.options.debug:
         worst = 0.0
-        for r, t in zip(flatten_state(rebuilt), flatten_state(plan.kept_inputs[i])):
+        for r, t in zip(flatten_state(rebuilt), flatten_state(kept)):
             scale = t.abs().max().item() if t.numel() else 0.0
             worst = max(worst, (r - t).abs().max().item() / max(scale, 1e-30))
         plan.options.errors[name] = max(worst, plan.options.errors.get(name, 0.0))
         logger.debug("reconstruction error of module '%s': %.3e", name, worst)
 
 
-def _local_backward(rec, grad_state, grad_logdet, params):
+def _check_graph_leaves(name: str, block: nn.Module, rec: Reconstruction,
+                        externals: list[Tensor]) -> None:
+    """Debug check: the local graph reaches no leaf requiring grad that forward did not use.
+
+    Such a leaf (a tensor a custom ``reconstruct`` uses but ``forward`` does not) would get no
+    gradient from the engine.
+    """
+    known = {id(t) for t in (*rec.leaves, *externals)}
+    stop = {t.grad_fn for t in externals if t.grad_fn is not None}
+    roots = [*flatten_state(rec.output), *([] if rec.logdet is None else [rec.logdet])]
+    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node in stop:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)
+        if leaf is not None and id(leaf) not in known:
+            raise EngineError(
+                f"module '{name}' ({type(block).__name__}): its reconstruction reaches a tensor "
+                f"of shape {tuple(leaf.shape)} that requires grad but that its forward pass did "
+                "not use, so the engine would give it no gradient; reconstruct with the tensors "
+                "forward uses (debug check)"
+            )
+        stack.extend(next_node for next_node, _ in node.next_functions)
+
+
+def _local_backward(rec, grad_state, grad_logdet, externals):
     outputs, out_grads = [], []
     for out, g in zip(flatten_state(rec.output), grad_state):
         if out.requires_grad:
@@ -298,7 +528,7 @@ def _local_backward(rec, grad_state, grad_logdet, params):
     if grad_logdet is not None and rec.logdet is not None and rec.logdet.requires_grad:
         outputs.append(rec.logdet)
         out_grads.append(grad_logdet.to(rec.logdet.dtype))
-    wanted = [leaf for leaf in rec.leaves if leaf.requires_grad] + params
+    wanted = [leaf for leaf in rec.leaves if leaf.requires_grad] + externals
     found = torch.autograd.grad(outputs, wanted, out_grads, allow_unused=True) if outputs else (
         [None] * len(wanted))
     found = list(found)

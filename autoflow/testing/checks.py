@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +30,14 @@ def relative_error(actual: State, expected: State, *, floor: float = 0.0) -> flo
 
     Relative to the whole state rather than elementwise, so entries near zero do not turn
     rounding noise into a large relative error; ``floor`` is the smallest scale used, for
-    tensors that are zero in exact arithmetic.
+    tensors that are zero in exact arithmetic. A NaN or infinity in either state gives
+    ``inf``: a check must never pass on a non-finite value.
+
+    Example:
+        >>> relative_error(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0]))
+        0.5
+        >>> relative_error(torch.tensor([float("nan")]), torch.tensor([1.0]))
+        inf
     """
     actual_list, expected_list = flatten_state(actual), flatten_state(expected)
     if len(actual_list) != len(expected_list):
@@ -40,6 +48,8 @@ def relative_error(actual: State, expected: State, *, floor: float = 0.0) -> flo
     for a, e in zip(actual_list, expected_list):
         if a.shape != e.shape:
             raise AssertionError(f"shape {tuple(a.shape)} differs from expected {tuple(e.shape)}")
+        if not (torch.isfinite(a).all() and torch.isfinite(e).all()):
+            return math.inf
         worst = max(worst, (a.double() - e.double()).abs().max().item() if a.numel() else 0.0)
         scale = max(scale, e.double().abs().max().item() if e.numel() else 0.0)
     return worst / max(scale, floor, torch.finfo(torch.float64).tiny)
@@ -209,7 +219,12 @@ def assert_engine_gradients_match(
     :class:`~autoflow.Sequential` is switched over itself). The loss is a fixed random linear
     function of the outputs plus a weighted sum of the log-det, so every path gets a gradient.
     Compared: outputs, log-dets, gradients of the inputs and of every parameter, and every buffer
-    afterwards (state must be updated exactly once).
+    afterwards (state must be updated exactly once). A gradient that one run gives and the other
+    does not (``None``) is a failure, not a zero; so is a NaN anywhere.
+
+    Both runs execute the module's own code, so a bug shared by both (a detached conditioner,
+    say) is not caught here: check the module itself against finite differences
+    (``torch.autograd.gradcheck`` in float64) for that.
 
     Args:
         module: The module under test (left untouched).
@@ -251,9 +266,18 @@ def assert_engine_gradients_match(
     names += [n for n, p in plain.named_parameters() if p.requires_grad]
     # A gradient that is zero in exact arithmetic (a bias before batch norm) is compared on
     # the scale of the largest gradient, a million times larger than rounding noise.
-    floor = 1e-6 * max((g.abs().max().item() for g in grads_a if g.numel()), default=0.0)
+    floor = 1e-6 * max((g.abs().max().item() for g in grads_a if g is not None and g.numel()),
+                       default=0.0)
     for name, a, b in zip(names, grads_a, grads_b):
-        _compare(f"gradient of {name}", b, a, tol, floor)
+        if (a is None) != (b is None):
+            given, missing = ("plain autograd", "the engine") if b is None else (
+                "the engine", "plain autograd")
+            raise AssertionError(
+                f"memory-saving engine: {given} gives a gradient for {name} and {missing} "
+                "gives none"
+            )
+        if a is not None:
+            _compare(f"gradient of {name}", b, a, tol, floor)
     for (name, a), b in zip(plain.named_buffers(), saving.buffers()):
         _compare(f"buffer {name} after the step", b, a, tol)
 
@@ -274,8 +298,7 @@ def _gradients(module: nn.Module, inputs: State, inverse: bool, seed: int):
         loss = loss + (logdet * weights.to(logdet)).sum()
     wanted = [leaf for leaf in leaves if leaf.requires_grad]
     wanted += [p for p in module.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss, wanted, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, grads)]
+    grads = list(torch.autograd.grad(loss, wanted, allow_unused=True))
     detached = pack_like([t.detach() for t in flatten_state(out)], out)
     return detached, (None if logdet is None else logdet.detach()), grads
 
