@@ -234,11 +234,15 @@ def test_anchored_inputs_are_held_by_autograd_and_freed_by_backward():
     state_bytes = x.numel() * x.element_size()
     # The output and the inputs of modules 0, 2, ..., 14.
     assert sum(h.t.numel() * h.t.element_size() for h in packed) == 9 * state_bytes
-    alive = [weakref.ref(h) for h in packed]
+    anchors = [weakref.ref(h.t) for h in packed if h.t.data_ptr() != y.data_ptr()]
+    assert len(anchors) == 8
     packed.clear()
+    gc.collect()
+    assert all(ref() is not None for ref in anchors)  # held until backward
     (y.sum() + logdet.sum()).backward()
     gc.collect()
-    assert y.grad_fn is not None and all(ref() is None for ref in alive)
+    # While the output (and its graph node) lives on, nothing keeps the anchors alive.
+    assert y.grad_fn is not None and all(ref() is None for ref in anchors)
 
 
 def autocast_chain(kind: str) -> tuple[Sequential, Tensor]:
