@@ -3,9 +3,13 @@
 :class:`SyntheticDefects` needs no files, so the example's ``demo`` runs anywhere.
 Like one MVTec AD category, a dataset has a single normal appearance fixed by its
 ``seed`` (a stripe, grid or mottled texture; or a disc or rounded square with a
-printed ring and bar on a plain background), and every image jitters it mildly
-(phase, pose, brightness, sensor noise), so a model has to learn what normal
-looks like rather than memorise one picture.
+printed ring and bar on a plain background), and every image is a new shot of it:
+the texture's phase, angle and scale change, the object moves, turns and changes
+size by a few percent, and each shot has its own light (gain and a falloff across
+the image) and sensor noise (see the module's constants). The variation is large
+enough that an image's distance to the mean normal image does not localise the
+defects, so a detector has to learn what normal looks like: the demo's untrained
+model scores far below its trained one.
 
 Test images alternate between normal (even indices) and defective (odd indices),
 and the defective ones cycle through :data:`DEFECT_KINDS`. A defect is painted over
@@ -31,13 +35,52 @@ from torch.utils.data import Dataset
 
 from .datasets import ImageSize, Sample, as_image_size
 
-__all__ = ["DEFECT_KINDS", "MIN_VISIBLE_CHANGE", "Rendering", "SyntheticDefects"]
+__all__ = [
+    "DEFECT_KINDS",
+    "LIGHT_GAIN",
+    "LIGHT_SLOPE",
+    "MIN_VISIBLE_CHANGE",
+    "NOISE",
+    "OBJECT_SCALE",
+    "OBJECT_SHIFT",
+    "OBJECT_TURN",
+    "TEXTURE_STRETCH",
+    "TEXTURE_TURN",
+    "Rendering",
+    "SyntheticDefects",
+]
 
 DEFECT_KINDS = ("scratch", "stain", "hole", "cut", "misprint")
-"""Defect types painted on defective test images, in the order they cycle."""
+"""Defect types painted on defective test images, in the order they cycle. A misprint
+shows the pattern (texture) or print (object) shifted and turned within a patch: the
+right colours in the wrong place."""
 
 MIN_VISIBLE_CHANGE = 0.12
 """Smallest change (largest over the RGB channels) of a pixel marked defective."""
+
+TEXTURE_TURN = 0.15
+"""Largest turn (radians) of a texture's pattern from one image to the next."""
+
+TEXTURE_STRETCH = 0.1
+"""Largest relative change of a texture's pattern frequency from one image to the next."""
+
+OBJECT_SHIFT = 0.05
+"""Largest shift of an object, as a fraction of the image side."""
+
+OBJECT_TURN = 0.2
+"""Largest turn (radians) of an object."""
+
+OBJECT_SCALE = 0.05
+"""Largest relative change of an object's size."""
+
+LIGHT_GAIN = 0.12
+"""Largest relative change of a shot's overall brightness."""
+
+LIGHT_SLOPE = 0.3
+"""Largest relative brightness difference across the image from uneven light."""
+
+NOISE = 0.02
+"""Standard deviation of the sensor noise."""
 
 _KINDS = ("texture", "object")
 _SPLITS = ("train", "test")
@@ -141,12 +184,16 @@ class SyntheticDefects(Dataset[Sample]):
             return Rendering(surface.image, surface.image, np.zeros(self.image_size, bool), None)
         # A separate stream, so the defect never changes the normal image under it.
         rng = self._rng(_DEFECT_STREAM, index)
+        if defect == "misprint":
+            # The same shot (same normal draws) with its pattern or print misplaced.
+            again = self._style.render(self._rng(_NORMAL_STREAM, index), self._grid, misprint=rng)
+            surface = surface._replace(misprinted=again.image)
         for _ in range(_ATTEMPTS):
             image, mask = _paint(surface, *_DEFECTS[defect](rng, surface, self._grid))
             if mask.sum() >= _MIN_DEFECT_PIXELS:
                 return Rendering(surface.image, image, mask, defect)
         # Unlucky draws (say, a hole on dark ink) fall back to a patch that always shows.
-        image, mask = _paint(surface, *_misprint(rng, surface, self._grid))
+        image, mask = _paint(surface, *_recolour(rng, surface, self._grid))
         return Rendering(surface.image, image, mask, "misprint")
 
     def __getitem__(self, index: int) -> Sample:
@@ -181,6 +228,7 @@ class _Surface(NamedTuple):
     centres: NDArray[np.bool_]  # where defects may be centred
     rim: NDArray[np.bool_]  # where cuts may be centred
     underlay: NDArray[np.float32]  # what a cut exposes
+    misprinted: NDArray[np.float32] | None = None  # the same shot, printed wrong
 
 
 @dataclass(frozen=True)
@@ -206,21 +254,29 @@ class _TextureStyle:
         return cls(
             low=(base - 0.12).astype(np.float32),
             high=(base + rng.uniform(0.12, 0.25, 3)).astype(np.float32),
-            backing=(base / 4).astype(np.float32),
+            backing=(0.7 * base).astype(np.float32),
             angles=angles.astype(np.float32),
             frequencies=frequencies.astype(np.float32),
         )
 
-    def render(self, rng: np.random.Generator, grid: Grid) -> _Surface:
+    def render(
+        self, rng: np.random.Generator, grid: Grid, misprint: np.random.Generator | None = None
+    ) -> _Surface:
+        """One shot of the texture; with ``misprint``, the same shot with its pattern misplaced."""
         y, x = grid
-        angles = self.angles + rng.normal(0.0, 0.03)
+        # Each shot sees the weave at its own phase, angle and scale, under its own light.
+        angles = self.angles + rng.uniform(-TEXTURE_TURN, TEXTURE_TURN)
+        frequencies = self.frequencies * rng.uniform(1 - TEXTURE_STRETCH, 1 + TEXTURE_STRETCH)
         phases = rng.uniform(0.0, 2 * np.pi, angles.size)
+        light = _lighting(rng, grid)
+        noise = rng.normal(0.0, NOISE, (3, *x.shape)).astype(np.float32)
+        if misprint is not None:
+            angles = angles + misprint.choice([-1.0, 1.0]) * misprint.uniform(0.3, 0.6)
+            phases = phases + misprint.uniform(0.6 * np.pi, 1.4 * np.pi, angles.size)
         along = np.cos(angles)[:, None, None] * x + np.sin(angles)[:, None, None] * y
-        waves = np.cos(2 * np.pi * self.frequencies[:, None, None] * along + phases[:, None, None])
+        waves = np.cos(2 * np.pi * frequencies[:, None, None] * along + phases[:, None, None])
         pattern = 0.5 + 0.5 * waves.mean(axis=0)
-        gain = rng.uniform(0.95, 1.05)
-        noise = rng.normal(0.0, 0.02, (3, *x.shape)).astype(np.float32)
-        image = gain * (_col(self.low) * (1 - pattern) + _col(self.high) * pattern) + noise
+        image = light * (_col(self.low) * (1 - pattern) + _col(self.high) * pattern) + noise
         margin = 0.1 * min(x.shape)
         inner = (
             (y >= margin) & (y < y.shape[0] - margin) & (x >= margin) & (x < x.shape[1] - margin)
@@ -230,7 +286,7 @@ class _TextureStyle:
             product=np.ones(x.shape, bool),
             centres=inner,
             rim=inner,
-            underlay=_unit(_col(self.backing) + 2 * noise),
+            underlay=_unit(light * _col(self.backing) + 2 * noise),
         )
 
 
@@ -251,30 +307,43 @@ class _ObjectStyle:
             rounded_square=bool(rng.integers(2)),
         )
 
-    def render(self, rng: np.random.Generator, grid: Grid) -> _Surface:
+    def render(
+        self, rng: np.random.Generator, grid: Grid, misprint: np.random.Generator | None = None
+    ) -> _Surface:
+        """One shot of the object; with ``misprint``, the same shot with its print misplaced."""
         y, x = grid
         side = min(x.shape)
-        radius = 0.3 * side
-        shift = rng.uniform(-0.02, 0.02, 2) * side
+        # Each shot places, turns and sizes the part a little differently, under its own light.
+        radius = 0.3 * side * rng.uniform(1 - OBJECT_SCALE, 1 + OBJECT_SCALE)
+        shift = rng.uniform(-OBJECT_SHIFT, OBJECT_SHIFT, 2) * side
+        turn = rng.uniform(-OBJECT_TURN, OBJECT_TURN)
+        light = _lighting(rng, grid)
+        noise = rng.normal(0.0, NOISE, (3, *x.shape)).astype(np.float32)
         u = x - (x.shape[1] - 1) / 2 - shift[0]
         v = y - (x.shape[0] - 1) / 2 - shift[1]
-        turn = rng.uniform(-0.05, 0.05)
-        across, down = np.cos(turn) * u + np.sin(turn) * v, np.cos(turn) * v - np.sin(turn) * u
+        across, down = _turn(u, v, turn)
         distance = np.hypot(u, v)
         if self.rounded_square:
             outline = _box_sdf(across, down, 0.9 * radius, 0.9 * radius, 0.3 * radius)
         else:
             outline = distance - radius
+        # The print: a ring and a bar; a misprint turns the bar and moves the ring.
+        print_turn, ring_offset = 0.0, np.zeros(2)
+        if misprint is not None:
+            print_turn = misprint.choice([-1.0, 1.0]) * misprint.uniform(0.5, 0.9)
+            angle = misprint.uniform(0, 2 * np.pi)
+            offset = misprint.uniform(0.12, 0.2) * radius
+            ring_offset = offset * np.array([np.cos(angle), np.sin(angle)])
+        bar_across, bar_down = _turn(u, v, turn + print_turn)
+        ring_distance = np.hypot(u - ring_offset[0], v - ring_offset[1])
         body = _coverage(outline)
-        ring = _coverage(np.abs(distance - 0.55 * radius) - 0.06 * radius)
-        bar = _coverage(_box_sdf(across, down, 0.35 * radius, 0.07 * radius, 0.0))
+        ring = _coverage(np.abs(ring_distance - 0.55 * radius) - 0.06 * radius)
+        bar = _coverage(_box_sdf(bar_across, bar_down, 0.35 * radius, 0.07 * radius, 0.0))
         ink = np.maximum(ring, bar) * body
         shading = 1 - 0.15 * np.minimum(distance / radius, 1.0) ** 2
-        noise = rng.normal(0.0, 0.015, (3, *x.shape)).astype(np.float32)
-        gain = rng.uniform(0.96, 1.04)
-        background = gain * _col(self.background) + noise
-        image = background * (1 - body) + (gain * _col(self.body) * shading + noise) * body
-        image = image * (1 - ink) + (gain * _col(self.ink) + noise) * ink
+        background = light * _col(self.background) + noise
+        image = background * (1 - body) + (light * _col(self.body) * shading + noise) * body
+        image = image * (1 - ink) + (light * _col(self.ink) + noise) * ink
         return _Surface(
             image=_unit(image),
             product=body >= 0.5,
@@ -282,6 +351,21 @@ class _ObjectStyle:
             rim=np.abs(outline) < 1.0,
             underlay=_unit(background),
         )
+
+
+def _turn(u: NDArray, v: NDArray, angle: float) -> tuple[NDArray, NDArray]:
+    """Coordinates (u, v) in a frame turned by ``angle`` radians."""
+    return np.cos(angle) * u + np.sin(angle) * v, np.cos(angle) * v - np.sin(angle) * u
+
+
+def _lighting(rng: np.random.Generator, grid: Grid) -> NDArray[np.float32]:
+    """A shot's light: an overall gain times a linear falloff across the image, (1, H, W)."""
+    y, x = grid
+    gain = rng.uniform(1 - LIGHT_GAIN, 1 + LIGHT_GAIN)
+    angle, slope = rng.uniform(0, 2 * np.pi), rng.uniform(0.0, LIGHT_SLOPE)
+    height, width = x.shape
+    across = (np.cos(angle) * (x - width / 2) + np.sin(angle) * (y - height / 2)) / max(x.shape)
+    return (gain * (1 + slope * across))[None].astype(np.float32)
 
 
 Painting = tuple[NDArray, NDArray[np.bool_]]
@@ -301,7 +385,8 @@ def _scratch(rng: np.random.Generator, surface: _Surface, grid: Grid) -> Paintin
     dx, dy = np.cos(angle), np.sin(angle)
     along = np.clip((x - cx) * dx + (y - cy) * dy, -half_length, half_length)
     off_line = np.hypot(x - cx - along * dx, y - cy - along * dy)
-    brighten = np.where(surface.image.mean(axis=0) < 0.55, 0.45, -0.45)
+    depth = rng.uniform(0.18, 0.3)
+    brighten = np.where(surface.image.mean(axis=0) < 0.55, depth, -depth)
     return surface.image + brighten, (off_line <= half_width) & surface.product
 
 
@@ -312,29 +397,36 @@ def _stain(rng: np.random.Generator, surface: _Surface, grid: Grid) -> Painting:
     under = surface.image[:, region].mean(axis=1) if region.any() else surface.image.mean((1, 2))
     shift = rng.uniform(0.15, 0.5, 3)
     shift[rng.integers(3)] = 0.5
-    # A full 0.5 away from the mean in one channel, so even the faint rim
-    # (strength 0.35) changes by more than MIN_VISIBLE_CHANGE on average.
+    # A full 0.5 away from the mean in one channel, so that the middle (strength 0.45)
+    # changes by about 0.2, fading towards the rim until the change is no longer visible.
     colour = np.clip(under + np.where(under < 0.5, shift, -shift), 0.0, 1.0)
-    strength = 0.7 * (1.0 - 0.5 * np.minimum(relative, 1.0) ** 2)
+    strength = 0.45 * (1.0 - 0.5 * np.minimum(relative, 1.0) ** 2)
     return surface.image * (1 - strength) + _col(colour) * strength, region
 
 
 def _hole(rng: np.random.Generator, surface: _Surface, grid: Grid) -> Painting:
-    """A small dark pit, slightly lighter towards its rim."""
+    """A small shadowed pit, lighter towards its rim."""
     y, x = grid
     cy, cx = _pick(rng, surface.centres)
-    radius = max(1.5, rng.uniform(0.03, 0.06) * min(x.shape))
+    radius = max(1.5, rng.uniform(0.05, 0.08) * min(x.shape))
     relative = np.hypot(y - cy, x - cx) / radius
-    return 0.12 * surface.image + 0.08 * relative, (relative <= 1.0) & surface.product
+    return surface.image * (0.45 + 0.3 * relative), (relative <= 1.0) & surface.product
 
 
 def _cut(rng: np.random.Generator, surface: _Surface, grid: Grid) -> Painting:
     """A missing piece exposing what lies beneath (the backing, or the background)."""
-    region, _ = _blob(rng, surface.rim, grid, rng.uniform(0.1, 0.18))
+    region, _ = _blob(rng, surface.rim, grid, rng.uniform(0.06, 0.11))
     return surface.underlay, region & surface.product
 
 
 def _misprint(rng: np.random.Generator, surface: _Surface, grid: Grid) -> Painting:
+    """A patch where the pattern or print is misplaced: the right colours in the wrong place."""
+    assert surface.misprinted is not None, "render the misprinted shot first"
+    region, _ = _blob(rng, surface.centres, grid, rng.uniform(0.08, 0.16))
+    return surface.misprinted, region & surface.product
+
+
+def _recolour(rng: np.random.Generator, surface: _Surface, grid: Grid) -> Painting:
     """A rectangle whose colour is shifted by at least 0.25 in one channel."""
     y, x = grid
     cy, cx = _pick(rng, surface.centres)
