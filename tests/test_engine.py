@@ -61,6 +61,61 @@ def test_the_kit_detects_a_wrong_gradient():
         assert_engine_gradients_match(chain, torch.randn(2, 4, 3, 3, dtype=torch.float64))
 
 
+class Leaky(ToyCoupling):
+    """A deliberately broken reconstruction in both directions (outputs off by a factor)."""
+
+    factor = 1.001
+
+    def reconstruct(self, y):
+        rec = super().reconstruct(y)
+        return rec._replace(output=rec.output * self.factor)
+
+    def reconstruct_inverse(self, x):
+        rec = super().reconstruct_inverse(x)
+        return rec._replace(output=rec.output * self.factor)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_the_kit_runs_a_bare_module_through_the_engine_in_either_direction(inverse):
+    module = perturb(Leaky(4)).double()  # not a Sequential: the kit must wrap it
+    with pytest.raises(AssertionError, match="differs from plain autograd"):
+        assert_engine_gradients_match(module, torch.randn(2, 4, 3, 3, dtype=torch.float64),
+                                      inverse=inverse)
+    healthy = perturb(ToyCoupling(4)).double()
+    assert_engine_gradients_match(healthy, torch.randn(2, 4, 3, 3, dtype=torch.float64),
+                                  inverse=inverse)
+
+
+def test_the_kit_checks_the_direction_it_is_asked_for():
+    class LeakyInverse(ToyCoupling):
+        def reconstruct_inverse(self, x):
+            rec = super().reconstruct_inverse(x)
+            return rec._replace(output=rec.output * 1.001)
+
+    module = perturb(LeakyInverse(4)).double()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    assert_engine_gradients_match(module, x)
+    with pytest.raises(AssertionError, match="differs from plain autograd"):
+        assert_engine_gradients_match(module, x, inverse=True)
+
+
+def test_the_kit_default_float32_tolerance_is_tight():
+    module = perturb(Leaky(4))
+    with pytest.raises(AssertionError, match="tolerance 1.0e-04"):
+        assert_engine_gradients_match(module, torch.randn(2, 4, 3, 3))
+
+
+def test_the_kit_leaves_the_module_untouched():
+    from autoflow import AffineCoupling
+
+    module = randomize_conditioner(AffineCoupling(4, volume_norm="channel")).double().train()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    assert_engine_gradients_match(module, torch.randn(3, 4, 5, 5, dtype=torch.float64))
+    after = module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in module.parameters())
+
+
 class Frozen(ToyCoupling):
     """A broken reconstruction that builds no graph to the module's parameters."""
 
