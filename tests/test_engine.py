@@ -105,10 +105,13 @@ def test_the_kit_default_float32_tolerance_is_tight():
         assert_engine_gradients_match(module, torch.randn(2, 4, 3, 3))
 
 
-def test_the_kit_leaves_the_module_untouched():
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_the_kit_leaves_the_module_untouched(wrapped):
     from autoflow import AffineCoupling
 
     module = randomize_conditioner(AffineCoupling(4, volume_norm="channel")).double().train()
+    if wrapped:
+        module = Sequential(module, Flip())
     before = {k: v.clone() for k, v in module.state_dict().items()}
     assert_engine_gradients_match(module, torch.randn(3, 4, 5, 5, dtype=torch.float64))
     after = module.state_dict()
