@@ -22,7 +22,7 @@ _CHOICES = {
     "order": ("even_first", "odd_first"),
     "loss": ("fourier", "fourier_channels", "spatial"),
     "template": ("mean", "zero"),
-    "score": ("difference", "standardized"),
+    "score": ("difference", "standardized", "nearest"),
     "localization": ("difference", "compose"),
 }
 
@@ -85,7 +85,9 @@ class PyramidFlowConfig:
         template: ``"mean"`` (mean training latent) or ``"zero"`` (ablation II).
         score: ``"difference"`` (eq. 10, ``|z - z̄|``) or ``"standardized"``
             (``|z - z̄| / σ``, σ the per-level, per-channel standard deviation of the training
-            latents, so every channel and level speaks in units of its normal spread).
+            latents, so every channel and level speaks in units of its normal spread) or
+            ``"nearest"`` (the standardised distance to the nearest of 8192 training latent
+            vectors per level, from any position: several templates instead of their mean).
         localization: ``"difference"`` (eq. 10: per-level differences, then composition) or
             ``"compose"`` (compose first, then difference; ablation III).
         smoothing: Standard deviation in pixels of a Gaussian blur of the anomaly map (0: none,
@@ -125,7 +127,7 @@ class PyramidFlowConfig:
     image_size: int = 256
     loss: str = "fourier"
     template: str = "mean"
-    score: str = "difference"
+    score: str = "nearest"
     localization: str = "difference"
     smoothing: float = 0.0
     test_time_flips: bool = False

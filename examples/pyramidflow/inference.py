@@ -17,7 +17,7 @@ from torch.nn import functional
 from torch.utils.data import DataLoader, Dataset
 
 from .datasets import Sample
-from .model import LatentStatistics, PyramidFlow
+from .model import BANK_SIZE, LatentStatistics, PyramidFlow
 
 __all__ = [
     "ImageSource",
@@ -198,10 +198,16 @@ def latent_statistics(model: PyramidFlow, data: ImageSource, *, batch_size: int 
     model.eval()
     sums: list[Tensor] | None = None
     square_sums: list[Tensor] | None = None
+    samples: list[list[Tensor]] = []
     count = 0
+    dataset = as_dataset(data, model.config.image_size)
+    # With score="nearest", every image gives the same number of random positions per level
+    # to the bank, drawn from a generator seeded by the run's seed.
+    per_image = -(-BANK_SIZE // max(len(dataset), 1))  # type: ignore[arg-type]
+    generator = torch.Generator().manual_seed(model.config.seed)
     try:
         size = model.config.image_size
-        for batch in image_batches(data, size, batch_size, num_workers):
+        for batch in image_batches(dataset, size, batch_size, num_workers):
             latents = [z.double() for z in model(batch["image"].to(_device(model)))]
             parts = [z.sum(0) for z in latents]
             squares = [z.square().sum(0) for z in latents]
@@ -209,8 +215,23 @@ def latent_statistics(model: PyramidFlow, data: ImageSource, *, batch_size: int 
             square_sums = squares if square_sums is None else [
                 s + p for s, p in zip(square_sums, squares)]
             count += len(batch["image"])
+            if model.config.score == "nearest":
+                samples.append([_sample_vectors(z, per_image, generator) for z in latents])
     finally:
         model.train(was_training)
     if sums is None or square_sums is None:
         raise ValueError("cannot compute a latent template from an empty image set")
-    return LatentStatistics(tuple(sums), tuple(square_sums), count)
+    bank = None
+    if samples:
+        bank = tuple(torch.cat(level)[:BANK_SIZE].float() for level in zip(*samples))
+    return LatentStatistics(tuple(sums), tuple(square_sums), count, bank)
+
+
+def _sample_vectors(z: Tensor, per_image: int, generator: torch.Generator) -> Tensor:
+    """``(B * k, C)``: the latent vectors of ``k`` random positions of every image of ``z``."""
+    b, c, h, w = z.shape
+    k = min(per_image, h * w)
+    picks = torch.stack([torch.randperm(h * w, generator=generator)[:k] for _ in range(b)])
+    flat = z.flatten(2)  # (B, C, H*W)
+    chosen = flat.gather(2, picks.to(z.device)[:, None].expand(b, c, k))
+    return chosen.permute(0, 2, 1).reshape(-1, c)

@@ -20,12 +20,16 @@ import autoflow
 from .config import PyramidFlowConfig
 from .resnet_stem import ResNet18Stem
 
-__all__ = ["LatentStatistics", "PyramidFlow", "gaussian_blur", "pyramid_couplings"]
+__all__ = ["BANK_SIZE", "LatentStatistics", "PyramidFlow", "gaussian_blur", "pyramid_couplings"]
 
 _IMAGE_STATISTICS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
+
+
+BANK_SIZE = 8192
+"""Training latent vectors kept per level for ``score="nearest"``."""
 
 
 class LatentStatistics(NamedTuple):
@@ -35,11 +39,14 @@ class LatentStatistics(NamedTuple):
         sums: Level ``d``: ``(C, H_d, W_d)`` sum of the latents (float64).
         square_sums: Level ``d``: ``(C, H_d, W_d)`` sum of the squared latents (float64).
         count: Number of images summed.
+        bank: Level ``d``: ``(K_d, C)`` latent vectors drawn from random positions of the
+            training images (for ``score="nearest"``), or None.
     """
 
     sums: tuple[Tensor, ...]
     square_sums: tuple[Tensor, ...]
     count: int
+    bank: tuple[Tensor, ...] | None = None
 
 
 def pyramid_couplings(
@@ -109,6 +116,21 @@ def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
     return nn.functional.conv2d(rows, taps.view(1, 1, 1, -1))
 
 
+def _nearest_distance(z: Tensor, bank: Tensor, spread: Tensor, chunk: int = 8192) -> Tensor:
+    """``(B, 1, H, W)``: distance of every latent vector of ``z`` to its nearest bank vector.
+
+    Channels are divided by ``spread`` ``(1, C, 1, 1)`` first; distances are Euclidean over
+    ``sqrt(C)``, the scale of a per-channel difference like eq. 10's.
+    """
+    b, c, h, w = z.shape
+    scale = spread.view(1, c)
+    queries = (z.permute(0, 2, 3, 1).reshape(-1, c)) / scale
+    keys = bank / scale
+    found = torch.cat([torch.cdist(part, keys).min(dim=1).values
+                       for part in queries.split(chunk)])
+    return (found / math.sqrt(c)).view(b, h, w)[:, None]
+
+
 class PyramidFlow(nn.Module):
     """The PyramidFlow model: images to latent pyramids, anomaly maps and image templates.
 
@@ -157,6 +179,7 @@ class PyramidFlow(nn.Module):
         # spread of the training latents around it; set by set_template.
         self.template: tuple[Tensor, ...] | None = None
         self.spread: tuple[Tensor, ...] | None = None
+        self.bank: tuple[Tensor, ...] | None = None
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         """Latent pyramid ``(z_0, ..., z_{L-1})`` of ``(B, 3, H, W)`` images in ``[0, 1]``."""
@@ -195,13 +218,17 @@ class PyramidFlow(nn.Module):
         self.template = tuple(m[None].to(dtype) for m in mean)
         # A floor keeps a channel that never varied in training from dividing by zero.
         self.spread = tuple(v.clamp_min(1e-12).sqrt()[None].to(dtype) for v in variance)
+        self.bank = None if stats.bank is None else tuple(b.to(dtype) for b in stats.bank)
 
     def anomaly_map(self, latents: tuple[Tensor, ...], size: tuple[int, int]) -> Tensor:
         """Eq. 10: ``L_com({|z_d - z̄_d|})`` averaged over channels, at ``size``; ``(B, H, W)``.
 
         With ``config.score == "standardized"`` each difference is divided by its level's and
-        channel's spread first; with ``config.smoothing > 0`` the map is blurred with a
-        Gaussian of that many pixels at the end. With ``config.localization == "compose"``
+        channel's spread first; with ``"nearest"`` a level's score is the distance of each
+        latent vector to the nearest vector of the training bank (both divided by the spread,
+        Euclidean distance over ``sqrt(C)``), whatever position it came from. With
+        ``config.smoothing > 0`` the map is blurred with a Gaussian of that many pixels at the
+        end. With ``config.localization == "compose"``
         the latents and the template are composed first and differenced after (ablation III).
         """
         if self.template is None or self.spread is None:
@@ -209,6 +236,13 @@ class PyramidFlow(nn.Module):
         template = tuple(t.to(z) for t, z in zip(self.template, latents))
         if self.config.localization == "compose":
             score = (self.compose(latents) - self.compose(template)).abs().mean(1, keepdim=True)
+        elif self.config.score == "nearest":
+            if self.bank is None:
+                raise RuntimeError("score='nearest' needs the training latents' bank: set the "
+                                   "template with config.score='nearest' (refit the model)")
+            score = self.compose(tuple(
+                _nearest_distance(z, b.to(z), s.to(z))
+                for z, b, s in zip(latents, self.bank, self.spread)))
         else:
             differences = [(z - t).abs() for z, t in zip(latents, template)]
             if self.config.score == "standardized":

@@ -25,6 +25,7 @@ A checkpoint is one ``torch.save`` file of plain tensors, numbers, strings, list
     model       the model's state dict         optimizer   Adam's state dict, or None
     template    per-level latent template, or None until training ends
     spread      per-level, per-channel spread of the training latents, or None likewise
+    bank        per-level training latent vectors (score "nearest"), or None
     thresholds  {"image": float, "pixel": float}, or None
     holdout     indices of the held-out images, or None
 """
@@ -73,7 +74,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "pyramidflow-checkpoint"
 _CHECKPOINT_VERSION = 2
 _CHECKPOINT_KEYS = ("format", "version", "config", "epoch", "model", "optimizer", "template",
-                    "spread", "thresholds", "holdout")
+                    "spread", "bank", "thresholds", "holdout")
 # Settings that may differ when resuming: more epochs continue a finished run.
 _RESUMABLE_CHANGES = ("epochs",)
 
@@ -335,6 +336,7 @@ def save_checkpoint(
         "template": None if model.template is None
         else [t.detach().cpu() for t in model.template],
         "spread": None if model.spread is None else [t.detach().cpu() for t in model.spread],
+        "bank": None if model.bank is None else [t.detach().cpu() for t in model.bank],
         "thresholds": None if thresholds is None
         else {"image": thresholds.image, "pixel": thresholds.pixel},
         "holdout": None if holdout is None else [int(i) for i in holdout],
@@ -388,6 +390,7 @@ def model_from_checkpoint(checkpoint: dict[str, Any],
     if checkpoint["template"] is not None:
         model.template = tuple(checkpoint["template"])
         model.spread = tuple(checkpoint["spread"])
+        model.bank = None if checkpoint["bank"] is None else tuple(checkpoint["bank"])
     return model.to(device).eval()
 
 
