@@ -304,3 +304,12 @@ def test_autocast_through_every_primitive_matches_plain_autocast(kind, dtype):
     # The engine reproduces plain autocast far more closely than autocast reproduces float32:
     # a reconstruction without the forward pass's autocast state is off by about `reached`.
     assert worst(engine, plain) <= 0.5 * reached
+
+
+def test_a_non_floating_tensor_in_the_state_passes_through():
+    from autoflow import OnFirst
+
+    chain = perturb(Sequential(OnFirst(ToyCoupling(4)), OnFirst(Flip()),
+                               OnFirst(ToyCoupling(4)))).double()
+    labels = torch.arange(2)  # rides along in the state, takes no gradient
+    assert_engine_gradients_match(chain, (torch.randn(2, 4, 3, 3, dtype=torch.float64), labels))
