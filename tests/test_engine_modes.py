@@ -313,3 +313,20 @@ def test_a_non_floating_tensor_in_the_state_passes_through():
                                OnFirst(ToyCoupling(4)))).double()
     labels = torch.arange(2)  # rides along in the state, takes no gradient
     assert_engine_gradients_match(chain, (torch.randn(2, 4, 3, 3, dtype=torch.float64), labels))
+
+
+class SloppyInverse(ToyCoupling):
+    """Its inverse is off by 1e-3: only an anchored input makes the engine exact."""
+
+    def inverse(self, y):
+        x, logdet = super().inverse(y)
+        return x * 1.001, logdet
+
+
+def test_anchored_modules_are_rebuilt_from_their_kept_input():
+    chain = perturb(Sequential(SloppyInverse(4), Flip(), SloppyInverse(4))).double()
+    chain.engine_options.anchor_every = 1  # every input kept: nothing is inverted
+    assert_engine_gradients_match(chain, torch.randn(2, 4, 3, 3, dtype=torch.float64))
+    chain.engine_options.anchor_every = None
+    with pytest.raises(AssertionError, match="differs from plain autograd"):
+        assert_engine_gradients_match(chain, torch.randn(2, 4, 3, 3, dtype=torch.float64))

@@ -127,7 +127,7 @@ class PyramidFlowConfig:
     image_size: int = 256
     loss: str = "fourier"
     template: str = "mean"
-    score: str = "nearest"
+    score: str = "standardized"
     localization: str = "difference"
     smoothing: float = 0.0
     test_time_flips: bool = False
