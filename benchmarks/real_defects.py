@@ -206,7 +206,7 @@ def main_table(args: argparse.Namespace) -> None:
                      + " |")
     lines += ["", "## Every scoring of the same models (AUPRO@0.3)", "",
               "Every way of `SCORINGS` applied to each class's untrained model and trained "
-              "reference model (`eq10` is the public code's |z - z̄|); `flips` only for "
+              "reference model (`eq10` is the public code's `|z - z̄|`); `flips` only for "
               "textures. Scorings change no weight.", ""]
     names = list(SCORINGS)
     lines += ["| class | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -246,7 +246,7 @@ def ablation_table(args: argparse.Namespace) -> None:
         f"wall time {wall / 60:.1f} min).",
         "",
         "Training: rows (the reference preset, then one setting switched). Scoring: columns, "
-        "each applied to the same trained model (`eq10`: the public code's |z - z̄|). Cells: "
+        "each applied to the same trained model (`eq10`: the public code's `|z - z̄|`). Cells: "
         "mean AUPRO@0.3 over the classes, mean pixel AUROC in brackets. Per-class AUPRO of "
         "every cell is in `real_defects_ablation.json`.",
         "",
