@@ -450,7 +450,7 @@ class _MemorySavingChain(torch.autograd.Function):
                 with torch.enable_grad(), _replay_rng(plan.rng_states[i], state), _autocast_as(
                     plan.autocast
                 ):
-                    rec = _reconstruct(plan, i, block, state, kept.get(i))
+                    rec = _reconstruct(plan, block, state, kept.get(i))
                 rebuilt = rec.input_from_leaves([leaf.detach() for leaf in rec.leaves])
                 _check_reconstruction(plan, i, name, rebuilt, kept.get(i))
                 if plan.options.debug:
@@ -468,7 +468,7 @@ class _MemorySavingChain(torch.autograd.Function):
         return (None, *input_grads, *external_grads)
 
 
-def _reconstruct(plan: _Plan, i: int, block: InvertibleModule, state: State,
+def _reconstruct(plan: _Plan, block: InvertibleModule, state: State,
                  kept: State | None) -> Reconstruction:
     if kept is not None and not plan.options.debug:
         return recompute(block.inverse if plan.inverse else block, kept)
