@@ -96,8 +96,10 @@ class _LevelCoupling(Coupling):
         self.condition_at = condition_at
 
     def extra_repr(self) -> str:
-        return (f"channels={self.channels}, target={self.target}, sources={self.sources}, "
-                f"resize={self.resize!r}, condition_at={self.condition_at!r}")
+        text = (f"channels={self.channels}, target={self.target}, sources={self.sources}, "
+                f"resize={self.resize!r}")
+        # Two sources are always resized to the target first; the choice is a one-source one.
+        return text + (f", condition_at={self.condition_at!r}" if len(self.sources) == 1 else "")
 
     @property
     def min_levels(self) -> int:
