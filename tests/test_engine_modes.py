@@ -20,12 +20,11 @@ from autoflow.testing import assert_engine_gradients_match, relative_error
 from toys import Flip, ToyCoupling, perturb, randomize_conditioner
 
 
-class ContextCoupling(InvertibleModule):
+class ContextCoupling(ToyCoupling):
     """An affine coupling conditioned on ``self.context``, a tensor set from outside."""
 
     def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.half = channels // 2
+        super().__init__(channels)
         self.net = nn.Conv2d(self.half + 1, 2 * (channels - self.half), 3, padding=1)
         self.context: Tensor | None = None
 
@@ -33,16 +32,6 @@ class ContextCoupling(InvertibleModule):
         c = self.context.expand(x0.shape[0], 1, *x0.shape[2:])
         s, t = self.net(torch.cat([x0, c], 1)).chunk(2, 1)
         return torch.tanh(s), t
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x0, x1 = x[:, : self.half], x[:, self.half:]
-        s, t = self._scale_shift(x0)
-        return torch.cat([x0, x1 * s.exp() + t], 1), s.flatten(1).sum(1)
-
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        y0, y1 = y[:, : self.half], y[:, self.half:]
-        s, t = self._scale_shift(y0)
-        return torch.cat([y0, (y1 - t) * (-s).exp()], 1), -s.flatten(1).sum(1)
 
 
 class HyperScale(InvertibleModule):
