@@ -195,11 +195,17 @@ def _deepest_non_bijective(module: nn.Module, name: str) -> tuple[str, nn.Module
 
 
 def check_image(x: Tensor, channels: int | None, module: nn.Module, name: str = "input") -> None:
-    """Check that ``x`` is a ``(B, channels, H, W)`` tensor, naming ``module`` in the error."""
+    """Check that ``x`` is a floating ``(B, channels, H, W)`` tensor, naming ``module``.
+
+    Raises:
+        ShapeError: For a non-tensor or a wrong shape.
+        AutoflowError: For a tensor that is not floating-point (see :func:`check_floating`).
+    """
     if not isinstance(x, Tensor):
         raise ShapeError(
             f"{type(module).__name__} expected a tensor {name}, received {type(x).__name__}"
         )
+    check_floating(x, module, name)
     if x.dim() != 4:
         raise ShapeError(
             f"{type(module).__name__} expected a 4-D {name} (B, C, H, W), "
@@ -257,14 +263,33 @@ def check_dtype(
     Raises:
         AutoflowError: For a dtype mismatch outside autocast.
     """
-    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+    check_floating(x, module, name)
+    if torch.is_autocast_enabled(x.device.type):
         return torch.promote_types(torch.promote_types(x.dtype, reference.dtype), torch.float32)
     if x.dtype != reference.dtype:
         raise AutoflowError(
             f"{type(module).__name__} expected a {reference.dtype} {name} (its parameters' "
-            f"dtype), received {x.dtype}; convert the module with .to({x.dtype}) or the input"
+            f"dtype), received {x.dtype}; convert the input with .to({reference.dtype}), or "
+            f"the module with .to({x.dtype})"
         )
     return x.dtype
+
+
+def check_floating(x: Tensor, module: nn.Module, name: str = "input") -> None:
+    """Check that ``x`` is floating-point, naming ``module`` in the error.
+
+    Every state of the library is real-valued: an integer image (e.g. uint8 pixels) would
+    otherwise fail deep inside a convolution with a bare ``RuntimeError``, or, through a
+    permutation, pass silently and break the next module.
+
+    Raises:
+        AutoflowError: ``"<module> expected a floating-point <name>, received <dtype>; ..."``.
+    """
+    if not x.is_floating_point():
+        raise AutoflowError(
+            f"{type(module).__name__} expected a floating-point {name}, received {x.dtype}; "
+            f"convert it with .float() (and scale integer pixels to [0, 1] first)"
+        )
 
 
 def exact(x: Tensor) -> contextlib.AbstractContextManager:

@@ -1,4 +1,17 @@
-"""The library's own exception types: every bad input raises one of these."""
+"""The library's own exception types: every bad input raises one of these.
+
+The checks behind them follow one convention throughout the library:
+
+* a state is a floating-point tensor (an integer or bool tensor is refused with
+  ``"<Module> expected a floating-point input, received <dtype>"``);
+* a switch is a bool, checked strictly (``InvConv1x1(volume_norm=...)``,
+  ``make_conditioner(bias=...)``): a string such as ``"none"`` is refused, never read as True;
+* a choice among modes is a mode string, with None for "off" (a coupling's ``volume_norm``
+  is ``None``, ``"channel"`` or ``"spatial"``);
+* counts are ints, never bools (``check_int``); scales are finite positive numbers.
+
+Every message names the module, what it expected and what it received.
+"""
 
 __all__ = ["AutoflowError", "ShapeError", "NotBijectiveError", "EngineError"]
 
