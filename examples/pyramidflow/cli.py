@@ -14,6 +14,12 @@ booleans come as ``--augment`` / ``--no-augment``. A run folder (``--out``, by d
 ``runs/<name>``) holds ``config.json``, ``data.json`` (how to rebuild the datasets),
 ``checkpoints/``, ``model.pt`` (the detector), ``image_template.png``, ``heatmaps/`` and
 ``results.json`` / ``results.md``.
+
+Run folders never lose or mix runs (:data:`RUN_FOLDER_RULES`): everything (data layout and
+masks, device, config, folders writable, a resumed checkpoint) is checked before the first
+write; a folder that holds a run is refused unless ``--overwrite`` (clear it first) or
+``--resume`` (continue it); ``config.json``, ``data.json`` and ``model.pt`` are written only
+when training succeeds, and every file atomically (written aside, then renamed).
 """
 
 from __future__ import annotations
@@ -21,9 +27,12 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import logging
+import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -37,11 +46,20 @@ from .config import PRESETS, PyramidFlowConfig, mvtec_defaults
 from .datasets import BTAD, AnomalyImageDataset, ImageFolder, MVTecAD
 from .detector import Detector
 from .evaluate import collect_maps, metrics_from_maps, results_table, write_results
+from .model import PyramidFlow
 from .synthetic import SyntheticDefects
-from .train import latest_checkpoint, load_checkpoint
+from .train import (
+    RESUMABLE_CHANGES,
+    check_device,
+    check_resume,
+    check_writable,
+    latest_checkpoint,
+    load_checkpoint,
+    training_split,
+)
 from .visualize import color_range, save_image, save_panel
 
-__all__ = ["DEMO_DEFAULTS", "build_parser", "main"]
+__all__ = ["DEMO_DEFAULTS", "RUN_FOLDER_RULES", "build_parser", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +78,23 @@ both categories train and evaluate in well under five minutes on two CPU cores."
 _DEMO_KINDS = ("texture", "object")
 _LATEST = "latest"
 _MODEL_FILE = "model.pt"
+# What a run writes into its folder; --overwrite removes these and nothing else.
+_RUN_FILES = ("config.json", "data.json", _MODEL_FILE, "image_template.png", "results.json",
+              "results.md")
+_RUN_FOLDERS = ("checkpoints", "heatmaps", "predictions")
+
+RUN_FOLDER_RULES = (
+    "Run folders: everything (data layout and masks, --device, the config, whether the "
+    "folders can be written, a checkpoint to resume) is checked before anything is written. A "
+    "folder that already holds a run is refused unless --overwrite (its run files are removed "
+    "first; other files stay) or --resume (continue its latest checkpoint; the architecture "
+    f"must match, {', '.join(RESUMABLE_CHANGES)} may change). config.json, data.json and "
+    "model.pt are written only when training succeeds, and every file is written to a "
+    "temporary name and renamed, so an interrupted run never leaves a truncated file. After "
+    "a NaN or a numerical failure the last checkpoint is the last finite one: resume it with "
+    "a lower --learning-rate."
+)
+"""How ``train`` and ``demo`` treat run folders (also shown by ``--help``)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.threads < 1:
                 raise ValueError(f"--threads must be at least 1, received {args.threads}")
             torch.set_num_threads(args.threads)
+        check_device(args.device)
         with logging_redirect_tqdm():
             return args.command(args)
     # Bad flags, files, data or settings, a diverging loss: one line instead of a traceback.
@@ -95,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "train and evaluate on the built-in synthetic data, end to end")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"),
                       help="run folder (default: runs/demo)")
+    _add_overwrite_flag(demo)
     demo.add_argument("--train-images", type=int, default=64,
                       help="normal training images per category (default: 64)")
     demo.add_argument("--test-images", type=int, default=64,
@@ -110,7 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, help="run folder (default: runs/<name>)")
     train.add_argument("--resume", nargs="?", const=_LATEST, metavar="CHECKPOINT",
                        help="continue from CHECKPOINT, or without a value from the run "
-                            "folder's latest checkpoint")
+                            "folder's latest checkpoint; the architecture must match, "
+                            f"{', '.join(RESUMABLE_CHANGES)} may change (e.g. a lower "
+                            "--learning-rate after a NaN)")
+    _add_overwrite_flag(train)
     train.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
                        help="evaluate on the test split after training (default: yes)")
     train.add_argument("--panels", type=int, default=8, help="heatmap panels (default: 8)")
@@ -134,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command(commands: Any, name: str, function: Any, summary: str) -> argparse.ArgumentParser:
-    command = commands.add_parser(name, help=summary, description=summary)
+    epilog = RUN_FOLDER_RULES if name in ("demo", "train") else None
+    command = commands.add_parser(name, help=summary, description=summary, epilog=epilog)
     command.set_defaults(command=function, command_name=name)
     command.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                          help="show progress bars (default: yes)")
@@ -146,6 +187,13 @@ def _command(commands: Any, name: str, function: Any, summary: str) -> argparse.
                          help="CPU threads for torch (default: torch's choice); 1 is often "
                               "faster for small images on busy machines")
     return command
+
+
+def _add_overwrite_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a run already in the run folder: its run files "
+                             "(config.json, data.json, model.pt, checkpoints/, heatmaps/, "
+                             "results...) are removed once every check has passed")
 
 
 def _add_data_flags(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -288,18 +336,29 @@ def _datasets(spec: dict[str, Any], image_size: int, split: str) -> Any:
 def _demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     config = _make_config(DEMO_DEFAULTS, args)
+    folders = {kind: args.out / kind for kind in _DEMO_KINDS}
+    held = _run_contents(args.out, _RUN_FILES) + [
+        f"{kind}/{name}" for kind, folder in folders.items() for name in _run_contents(folder)]
+    _refuse_a_held_folder(args.out, held, args.overwrite, resumable=False)
+    specs = {kind: {"dataset": "synthetic", "kind": kind, "train_images": args.train_images,
+                    "test_images": args.test_images, "data_seed": args.data_seed}
+             for kind in _DEMO_KINDS}
+    # Both categories are checked before either trains: nothing is written until all pass.
+    data = {kind: _prepare(config, specs[kind], folders[kind], resume=None, evaluate=True)
+            for kind in _DEMO_KINDS}
+    if args.overwrite:
+        _clear_run(args.out)
+        for folder in folders.values():
+            _clear_run(folder)
     results, baseline = {}, {}
     for kind in _DEMO_KINDS:
-        spec = {"dataset": "synthetic", "kind": kind, "train_images": args.train_images,
-                "test_images": args.test_images, "data_seed": args.data_seed}
-        folder = args.out / kind
-        detector = _fit(config, spec, folder, args, resume=None)
-        test_set = _datasets(spec, config.image_size, "test")
-        results[kind] = _report(detector, test_set, folder, args.panels,
+        train_set, test_set, _ = data[kind]
+        detector = _fit(config, specs[kind], folders[kind], args, None, data[kind])
+        results[kind] = _report(detector, test_set, folders[kind], args.panels,
                                 full_range_aupro=False, workers=args.workers)
         # The same model without a training step: what training adds over it is the point.
         untrained = Detector(config, device=args.device, epochs=0).fit(
-            _datasets(spec, config.image_size, "train"), num_workers=args.workers)
+            train_set, num_workers=args.workers)
         baseline[kind] = untrained.evaluate(test_set, num_workers=args.workers)
     write_results(results, args.out, extra={"config": config.to_dict(),
                                             "untrained": baseline})
@@ -315,22 +374,22 @@ def _train(args: argparse.Namespace) -> int:
     spec = _data_spec(args)
     base = mvtec_defaults(spec["category"]) if spec["dataset"] == "mvtec" else {}
     folder = args.out or Path("runs") / f"{spec['dataset']}-{_category(spec)}"
-    resume = None
-    if args.resume is not None:
-        resume = (latest_checkpoint(folder / "checkpoints") if args.resume == _LATEST
-                  else Path(args.resume))
+    resume = _resume_source(args, folder, spec)
+    if resume is not None:
         base = load_checkpoint(resume)["config"].to_dict()
     config = _make_config(base, args)
-    detector = _fit(config, spec, folder, args, resume=resume)
-    if args.evaluate:
-        test_set = _datasets(spec, config.image_size, "test")
-        if test_set is None:
-            logger.info("no test images (pass --defective and --test-good): not evaluated")
-        else:
-            results = {_category(spec): _report(detector, test_set, folder, args.panels,
-                                                args.full_range_aupro, args.workers)}
-            write_results(results, folder, extra={"config": config.to_dict()})
-            print(results_table(results))
+    prepared = _prepare(config, spec, folder, resume, evaluate=args.evaluate)
+    if args.overwrite:
+        _clear_run(folder)
+    detector = _fit(config, spec, folder, args, resume, prepared)
+    test_set = prepared[1]
+    if test_set is not None:
+        results = {_category(spec): _report(detector, test_set, folder, args.panels,
+                                            args.full_range_aupro, args.workers)}
+        write_results(results, folder, extra={"config": config.to_dict()})
+        print(results_table(results))
+    elif args.evaluate:
+        logger.info("no test images (pass --defective and --test-good): not evaluated")
     return 0
 
 
@@ -384,12 +443,12 @@ def _predict(args: argparse.Namespace) -> int:
             "defective_pixels": None if prediction.masks is None
             else float(prediction.masks[index].float().mean()),
         })
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "scores.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "scores.json").write_text(json.dumps({
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_text(out / "scores.csv", table.getvalue())
+    _write_text(out / "scores.json", json.dumps({
         "checkpoint": str(checkpoint),
         "thresholds": None if thresholds is None else dataclasses.asdict(thresholds),
         "resolution": [detector.config.image_size] * 2,
@@ -403,25 +462,162 @@ def _predict(args: argparse.Namespace) -> int:
 # --- shared steps -----------------------------------------------------------------------------
 
 
-def _fit(config: PyramidFlowConfig, spec: dict[str, Any], folder: Path,
-         args: argparse.Namespace, resume: Path | None) -> Detector:
-    """Train a detector for a run folder, writing its config, data spec and model."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    (folder / "data.json").write_text(json.dumps(spec, indent=2) + "\n")
+def _resume_source(args: argparse.Namespace, folder: Path,
+                   spec: dict[str, Any]) -> Path | None:
+    """The checkpoint ``train`` resumes from, or None; refuses what would mix two runs."""
+    held = _run_contents(folder)
+    if args.resume is None:
+        _refuse_a_held_folder(folder, held, args.overwrite, resumable=True)
+        return None
+    if args.overwrite:
+        raise ValueError("--overwrite and --resume exclude each other: --overwrite removes the "
+                         "run that --resume would continue")
+    own = folder / "checkpoints"
+    if args.resume == _LATEST:
+        resume = latest_checkpoint(own)
+    else:
+        resume = Path(args.resume)
+        if not resume.is_file():
+            raise FileNotFoundError(f"checkpoint '{resume}' to resume from does not exist")
+        if held and resume.resolve().parent != own.resolve():
+            raise ValueError(f"run folder '{folder}' already holds a run; continuing "
+                             f"'{resume}' there would mix two runs: pick another --out, or "
+                             "pass --resume without a value to continue the folder's own run")
+        if held and latest_checkpoint(own).resolve() != resume.resolve():
+            raise ValueError(f"'{resume}' is not the latest checkpoint in '{own}' "
+                             f"({latest_checkpoint(own).name} is): its continuation would mix "
+                             "with the later ones; resume the latest, or remove the later ones")
+    stored = folder / "data.json"
+    if stored.is_file():
+        previous = json.loads(stored.read_text())
+        changed = sorted(k for k in set(previous) | set(spec) if previous.get(k) != spec.get(k))
+        if changed:
+            details = ", ".join(f"{k}: {previous.get(k)!r} -> {spec.get(k)!r}" for k in changed)
+            raise ValueError(f"cannot resume the run in '{folder}' on other data ({details}); "
+                             "give the same dataset flags")
+    return resume
+
+
+def _run_contents(folder: Path, files: Sequence[str] = _RUN_FILES) -> list[str]:
+    """The run files and non-empty run folders present in ``folder``."""
+    found = [name for name in files if (folder / name).is_file()]
+    return found + [f"{name}/" for name in _RUN_FOLDERS
+                    if (folder / name).is_dir() and any((folder / name).iterdir())]
+
+
+def _refuse_a_held_folder(folder: Path, held: list[str], overwrite: bool,
+                          resumable: bool) -> None:
+    if held and not overwrite:
+        listed = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        resume = "--resume to continue it, " if resumable else ""
+        raise ValueError(f"run folder '{folder}' already holds a run ({listed}); pass "
+                         f"{resume}--overwrite to replace it, or another --out")
+
+
+def _clear_run(folder: Path) -> None:
+    """Remove the files and folders a run writes (only those) from ``folder``."""
+    for name in _RUN_FILES:
+        (folder / name).unlink(missing_ok=True)
+    for name in _RUN_FOLDERS:
+        if (folder / name).is_dir():
+            shutil.rmtree(folder / name)
+
+
+def _prepare(config: PyramidFlowConfig, spec: dict[str, Any], folder: Path,
+             resume: Path | None, evaluate: bool) -> tuple[Any, Any, Path | None]:
+    """Check everything a run needs before it writes anything; returns its datasets.
+
+    Checks the data layout and every mask (sizes, orphans, empty masks), that a batch is left
+    after the hold-out, the checkpoint to resume, the model's construction, and that the run
+    folder and its ``checkpoints/`` can be written (creating them).
+
+    Returns:
+        ``(train_set, test_set, created)``: ``test_set`` is None without evaluation or test
+        images; ``created`` is the outermost folder made here, None if the folder existed.
+    """
     train_set = _datasets(spec, config.image_size, "train")
+    test_set = _datasets(spec, config.image_size, "test") if evaluate else None
+    for dataset in (train_set, test_set):
+        if isinstance(dataset, AnomalyImageDataset):
+            dataset.validate()
+    _, holdout = training_split(config, len(train_set))
+    if resume is not None:
+        check_resume(resume, config, holdout)
+    PyramidFlow(config)  # a bad setting or a missing ResNet weights file fails here
+    created = _missing_ancestor(folder)
+    try:
+        check_writable(folder / "checkpoints")
+        check_writable(folder)
+    except OSError:
+        _remove_empty_folders(folder / "checkpoints", created or folder)
+        raise
+    return train_set, test_set, created
+
+
+def _missing_ancestor(folder: Path) -> Path | None:
+    """The outermost of ``folder`` and its parents that does not exist yet, if any."""
+    missing = None
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing = path
+    return missing
+
+
+def _remove_empty_folders(innermost: Path, outermost: Path) -> None:
+    """Remove ``innermost`` and its parents up to ``outermost`` while they are empty."""
+    if outermost not in (innermost, *innermost.parents):
+        return
+    for path in (innermost, *innermost.parents):
+        if not path.is_dir() or any(path.iterdir()):
+            return
+        path.rmdir()
+        if path == outermost:
+            return
+
+
+def _fit(config: PyramidFlowConfig, spec: dict[str, Any], folder: Path,
+         args: argparse.Namespace, resume: Path | None, prepared: tuple[Any, Any, Path | None]
+         ) -> Detector:
+    """Train a detector for a checked run folder, then write its model, config and data spec.
+
+    Written only after training succeeds, so a failed run leaves at most its checkpoints (to
+    resume from) and never a config that describes no model; a folder made by
+    :func:`_prepare` that stays empty is removed again.
+    """
+    train_set, _, created = prepared
     logger.info("training %s on %d images at %d×%d", folder.name, len(train_set),
                 config.image_size, config.image_size)
     started = time.perf_counter()
-    detector = Detector(config, device=args.device).fit(
-        train_set, checkpoint_dir=folder / "checkpoints", resume=resume,
-        num_workers=args.workers, progress=args.progress)
+    try:
+        detector = Detector(config, device=args.device).fit(
+            train_set, checkpoint_dir=folder / "checkpoints", resume=resume,
+            num_workers=args.workers, progress=args.progress)
+    except BaseException:
+        _remove_empty_folders(folder / "checkpoints", created or folder / "checkpoints")
+        raise
     logger.info("trained %s in %.1f s", folder.name, time.perf_counter() - started)
     detector.save(folder / _MODEL_FILE)
+    _write_text(folder / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+    _write_text(folder / "data.json", json.dumps(spec, indent=2) + "\n")
     template = _template(detector)
     if template is not None:
-        save_image(folder / "image_template.png", template, min_side=128)
+        partial = folder / ".image_template.partial.png"
+        save_image(partial, template, min_side=128)
+        os.replace(partial, folder / "image_template.png")
     return detector
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never half a file)."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(text)
+        os.replace(partial, path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise OSError(f"cannot write '{path}': {error.strerror or error}") from error
 
 
 def _template(detector: Detector) -> Any:

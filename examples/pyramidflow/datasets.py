@@ -1,17 +1,29 @@
 """File-based anomaly-detection datasets: MVTec AD, BTAD and a user's own image folders.
 
 Every dataset yields the same :class:`Sample`: an RGB image in [0, 1], a binary
-defect mask, an image label and the image's path. Images are decoded with Pillow
-(grayscale, palette and RGBA images become RGB; alpha is dropped) and resized to the configured
-``image_size`` with antialiased bilinear filtering; masks are resized with
-nearest-neighbour sampling, so they stay exactly 0/1. Models and metrics therefore
-work at ``image_size`` resolution, and a source size that is not divisible by the
-pyramid's 2^(L-1) is handled by that resize: pick an ``image_size`` divisible by it.
+defect mask, an image label and the image's path. Files are read as image viewers show them:
+
+* images are decoded with Pillow and turned upright by their EXIF orientation (a phone photo
+  is stored sideways with a tag saying so); grayscale and palette images become RGB, the
+  alpha channel of RGBA images is dropped; 8-bit values are divided by 255 and 16-bit
+  grayscale values by 65535 (16-bit colour PNGs are read at 8 bits by Pillow);
+* in a mask, **every non-zero pixel is a defect** (in any channel; in a palette mask, every
+  non-zero index; fully transparent pixels are not), so 0/1 label images, 0/255 masks,
+  soft or anti-aliased masks and 16-bit masks all mark what a viewer shows as not black.
+  Lossy (JPEG) masks count their compression noise as defects: store masks losslessly;
+* a defective image whose mask marks no pixel is an error (:class:`EmptyMaskError`) rather
+  than a defect counted as normal.
+
+Images are resized to the configured ``image_size`` with antialiased bilinear filtering;
+masks with nearest-neighbour sampling, so they stay exactly 0/1. Models and metrics
+therefore work at ``image_size`` resolution, and a source size that is not divisible by
+the pyramid's 2^(L-1) is handled by that resize: pick an ``image_size`` divisible by it.
 
 Masks pair with defective images by file stem, and the pairing must be one-to-one:
 a defective image without a mask, or a mask without an image, is an error rather
 than a silently all-normal mask that would corrupt the pixel metrics. Layouts are
-checked when a dataset is built; files are decoded when a sample is read.
+checked when a dataset is built; :meth:`AnomalyImageDataset.validate` checks every image's
+header and every mask (size, content) at once, and files are decoded when a sample is read.
 """
 
 from __future__ import annotations
@@ -25,12 +37,13 @@ from typing import Literal, TypedDict
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 __all__ = [
     "BTAD",
     "IMAGE_EXTENSIONS",
+    "EmptyMaskError",
     "AnomalyImageDataset",
     "ImageFolder",
     "ImageReadError",
@@ -73,6 +86,10 @@ class ImageReadError(ValueError):
 
 class MaskMatchError(ValueError):
     """Images and masks do not pair up one-to-one by stem, or a pair differs in size."""
+
+
+class EmptyMaskError(MaskMatchError):
+    """The mask of a defective image marks no defect pixel."""
 
 
 @dataclass(frozen=True)
@@ -164,35 +181,44 @@ class AnomalyImageDataset(Dataset[Sample]):
         Raises:
             ImageReadError: If the image or mask file cannot be decoded.
             MaskMatchError: If the mask's size differs from its image's size.
+            EmptyMaskError: If a defective image's mask marks no pixel.
         """
         record = self.records[index]
         image = _open(record.image)
         if record.mask is None:
             defects = np.zeros((image.height, image.width), dtype=bool)
         else:
-            mask = _open(record.mask)
-            if mask.size != image.size:
-                raise MaskMatchError(
-                    f"mask {record.mask} is {mask.width}x{mask.height} (width x height) but "
-                    f"its image {record.image} is {image.width}x{image.height}"
-                )
-            defects = _defect_pixels(mask)
+            defects = _read_mask(record, record.mask, image.size)
 
         height, width = self.image_size
-        rgb = image.convert("RGB")
+        pixels = _resized_pixels(image, record.image, (width, height))
         mask_image = Image.fromarray(defects.astype(np.uint8))
-        if rgb.size != (width, height):
-            # Pillow widens the bilinear kernel when shrinking, i.e. it antialiases.
-            rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
+        if mask_image.size != (width, height):
             # Interpolating then rounding a mask would move its edges; nearest keeps 0/1.
             mask_image = mask_image.resize((width, height), Image.Resampling.NEAREST)
-        pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0)
         return Sample(
-            image=pixels.permute(2, 0, 1).contiguous(),
+            image=torch.from_numpy(pixels).permute(2, 0, 1).contiguous(),
             mask=torch.from_numpy(np.asarray(mask_image, dtype=np.float32))[None],
             label=record.label,
             path=str(record.image),
         )
+
+    def validate(self) -> None:
+        """Check every file before any work: images readable, masks matching and non-empty.
+
+        Reads each image's header (its size, turned by the EXIF orientation) and decodes
+        each mask, so a run fails before training rather than after it. Pixel data of an
+        image is decoded, and a corrupt one reported, only when the sample is read.
+
+        Raises:
+            ImageReadError: If an image or mask file cannot be read.
+            MaskMatchError: If a mask's size differs from its image's size.
+            EmptyMaskError: If a defective image's mask marks no pixel.
+        """
+        for record in self.records:
+            size = _upright_size(record.image)
+            if record.mask is not None:
+                _read_mask(record, record.mask, size)
 
 
 class MVTecAD(AnomalyImageDataset):
@@ -454,27 +480,91 @@ def _list_images(folder: Path) -> list[Path]:
     return files
 
 
+_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+# EXIF orientations 5 to 8 turn the stored image by 90 degrees: width and height swap.
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+_EXIF_ORIENTATION = 0x0112
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
 def _open(path: Path) -> Image.Image:
-    """Fully decode an image file, so a corrupt file fails here with its name."""
+    """Fully decode an image file, upright as viewers show it; a corrupt file fails named."""
     try:
         with Image.open(path) as image:
             image.load()
-            return image
+            # The pixels are stored as the camera held them; the EXIF tag says how to turn them.
+            return ImageOps.exif_transpose(image)
     except FileNotFoundError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except _READ_ERRORS as error:
         raise ImageReadError(f"cannot decode image file {path}: {error}") from error
 
 
-def _defect_pixels(mask: Image.Image) -> NDArray[np.bool_]:
-    """Binary defect map of a mask image.
+def _upright_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` of an image as viewers show it, from its header only."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if image.getexif().get(_EXIF_ORIENTATION) in _SWAPPING_ORIENTATIONS:
+                return height, width
+            return width, height
+    except FileNotFoundError:
+        raise
+    except _READ_ERRORS as error:
+        raise ImageReadError(f"cannot read image file {path}: {error}") from error
 
-    Palette masks mark defects by a nonzero index; others by the brightest
-    channel, thresholded at half range for 0/255 masks (whose edges may be
-    anti-aliased) and at zero for 0/1 label images.
+
+def _read_mask(record: ImageRecord, mask_path: Path,
+               image_size: tuple[int, int]) -> NDArray[np.bool_]:
+    """Decode a record's mask and check it against its image's upright ``(width, height)``."""
+    mask = _open(mask_path)
+    if mask.size != image_size:
+        raise MaskMatchError(
+            f"mask {mask_path} is {mask.width}x{mask.height} (width x height) but "
+            f"its image {record.image} is {image_size[0]}x{image_size[1]}"
+        )
+    defects = _defect_pixels(mask)
+    if record.label == 1 and not defects.any():
+        raise EmptyMaskError(
+            f"mask {mask_path} of defective image {record.image} marks no defect: every "
+            f"pixel is 0 (masks mark defects by non-zero pixels); fix the mask, or move the "
+            f"image to the normal ones if it has no defect"
+        )
+    return defects
+
+
+def _resized_pixels(image: Image.Image, path: Path, size: tuple[int, int]) -> NDArray[np.float32]:
+    """``(H, W, 3)`` float32 RGB in [0, 1] at ``size`` (width, height), bilinear."""
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        # Pillow holds 16-bit grayscale as I;16 (or I); 65535 is white, as in viewers.
+        scale = 1.0 if image.mode == "F" else 65535.0
+        if values.min() < 0 or values.max() > scale:
+            raise ImageReadError(
+                f"image file {path} holds values in [{values.min():g}, {values.max():g}] "
+                f"(mode {image.mode}); expected 8-bit, 16-bit or [0, 1] float pixels"
+            )
+        gray = Image.fromarray((values / scale).astype(np.float32), "F")
+        if gray.size != size:
+            gray = gray.resize(size, Image.Resampling.BILINEAR)
+        return np.repeat(np.asarray(gray, dtype=np.float32)[:, :, None], 3, axis=2)
+    rgb = image.convert("RGB")
+    if rgb.size != size:
+        # Pillow widens the bilinear kernel when shrinking, i.e. it antialiases.
+        rgb = rgb.resize(size, Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.float32) / 255.0
+
+
+def _defect_pixels(mask: Image.Image) -> NDArray[np.bool_]:
+    """Binary defect map of a mask image: every non-zero pixel is a defect.
+
+    Any threshold above zero would read soft, anti-aliased or 0/1 masks as partly or wholly
+    empty, and count those defects as normal. Palette masks mark defects by a non-zero
+    index; colour masks by any non-zero channel; fully transparent pixels mark nothing.
     """
-    if mask.mode == "P":
-        values = np.asarray(mask)
-    else:
-        values = np.asarray(mask.convert("RGB")).max(axis=2)
-    return values > (0 if values.max() <= 1 else 127)
+    if mask.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        values = np.asarray(mask.convert("RGBA"))
+        return (values[:, :, :3].max(axis=2) > 0) & (values[:, :, 3] > 0)
+    if mask.mode in ("P", "L", "1", "F", *_SIXTEEN_BIT_MODES):
+        return np.asarray(mask) != 0
+    return np.asarray(mask.convert("RGB")).max(axis=2) > 0

@@ -28,6 +28,7 @@ from .inference import ImageSource, anomaly_maps
 from .model import PyramidFlow
 from .train import (
     Thresholds,
+    check_device,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
@@ -69,7 +70,8 @@ class Detector:
         **overrides: Config fields to replace, e.g. ``image_size=128, epochs=5``.
 
     Raises:
-        ValueError: On an unknown config field or a bad value (by name).
+        ValueError: On an unknown config field or a bad value (by name), or a device this
+            machine does not have (e.g. ``"cuda"`` without CUDA).
     """
 
     def __init__(self, config: PyramidFlowConfig | None = None, *,
@@ -79,7 +81,7 @@ class Detector:
                             f"{type(config).__name__}")
         base = (config or PyramidFlowConfig()).to_dict()
         self.config = PyramidFlowConfig.from_dict(base | overrides)
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.model: PyramidFlow | None = None
         self.thresholds: Thresholds | None = None
 
@@ -168,10 +170,11 @@ class Detector:
 
         Raises:
             FileNotFoundError: If ``path`` does not exist.
-            ValueError: If it is not a PyramidFlow checkpoint.
+            ValueError: If it is not a PyramidFlow checkpoint, or its weights do not fit its
+                config (naming the first tensor that differs).
         """
         checkpoint = load_checkpoint(path)
         detector = cls(checkpoint["config"], device=device)
-        detector.model = model_from_checkpoint(checkpoint, device)
+        detector.model = model_from_checkpoint(checkpoint, detector.device, source=path)
         detector.thresholds = checkpoint["thresholds"]
         return detector

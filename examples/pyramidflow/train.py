@@ -12,6 +12,12 @@ After training, in eval mode:
   ``config.image_quantile`` quantile of their image scores (the maximum of each anomaly map),
   the pixel threshold the ``config.pixel_quantile`` quantile of all their pixel scores.
 
+Training never writes a non-finite checkpoint: the loss is checked before each optimizer step
+and every parameter and buffer after it, and the first NaN or infinity (or a numerical failure
+such as an SVD that does not converge) stops training with its epoch and step named. The last
+checkpoint written is then the last finite one: resume from it with a lower
+``config.learning_rate`` (the optimiser settings may change on resume, the architecture not).
+
 Every random choice follows ``config.seed``: the model's initialisation, the held-out split,
 and per epoch the shuffling and the augmentation, each seeded by ``(seed, epoch)``. A run
 resumed from an epoch's checkpoint therefore ends with exactly the weights of an uninterrupted
@@ -59,14 +65,19 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "Thresholds",
     "TrainingResult",
+    "RESUMABLE_CHANGES",
     "augment",
     "calibrate",
+    "check_device",
+    "check_resume",
+    "check_writable",
     "latest_checkpoint",
     "load_checkpoint",
     "model_from_checkpoint",
     "save_checkpoint",
     "split_holdout",
     "train",
+    "training_split",
 ]
 
 logger = logging.getLogger(__name__)
@@ -75,8 +86,12 @@ CHECKPOINT_FORMAT = "pyramidflow-checkpoint"
 _CHECKPOINT_VERSION = 2
 _CHECKPOINT_KEYS = ("format", "version", "config", "epoch", "model", "optimizer", "template",
                     "spread", "bank", "thresholds", "holdout")
-# Settings that may differ when resuming: more epochs continue a finished run.
-_RESUMABLE_CHANGES = ("epochs",)
+RESUMABLE_CHANGES = ("epochs", "learning_rate", "betas", "eps", "weight_decay", "grad_clip")
+"""Config fields that may differ from the checkpoint's when resuming: more epochs continue a
+finished run, and the optimiser's settings may change (a lower learning rate after a
+divergence). Every other field shapes the model, the data or the loss, and must match."""
+_OPTIMIZER_SETTINGS = {"learning_rate": "lr", "betas": "betas", "eps": "eps",
+                       "weight_decay": "weight_decay"}
 
 
 @dataclass(frozen=True)
@@ -139,6 +154,69 @@ def split_holdout(num_images: int, fraction: float, seed: int) -> tuple[list[int
     return sorted(order[held:].tolist()), sorted(order[:held].tolist())
 
 
+def training_split(config: PyramidFlowConfig, num_images: int) -> tuple[list[int], list[int]]:
+    """:func:`split_holdout` by the config, checking that a batch of images is left to train.
+
+    Raises:
+        ValueError: If the images left after the hold-out are fewer than a batch.
+    """
+    train_indices, holdout_indices = split_holdout(num_images, config.holdout, config.seed)
+    if len(train_indices) < config.batch_size:
+        raise ValueError(
+            f"{len(train_indices)} training images (after holding out {len(holdout_indices)}) "
+            f"are fewer than config.batch_size={config.batch_size}; provide more images"
+        )
+    return train_indices, holdout_indices
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The device, checked to exist here, so a missing GPU fails in one line before any work.
+
+    Raises:
+        ValueError: For a malformed device string, or a CUDA or MPS device this machine or
+            this build of torch does not have.
+    """
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"unknown device {str(device)!r}: {error}") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = ("was built without CUDA" if torch.version.cuda is None
+                     else "finds no CUDA GPU")
+            raise ValueError(f"device {str(device)!r} is not available: this torch "
+                             f"({torch.__version__}) {build}; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} is not available: there are "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r} is not available on this machine; "
+                         "use --device cpu")
+    return device
+
+
+def check_writable(folder: str | os.PathLike[str]) -> Path:
+    """Create ``folder`` if needed and check that a file can be written in it.
+
+    Returns:
+        The folder.
+
+    Raises:
+        OSError: Naming the folder, if it cannot be created or written to.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # Permission bits alone do not tell (root, ACLs, read-only mounts): try a write.
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise OSError(f"cannot write to the folder '{folder}': "
+                      f"{error.strerror or error}") from error
+    return folder
+
+
 def augment(images: Tensor, generator: torch.Generator) -> Tensor:
     """Flip horizontally, flip vertically and rotate by 90°, each with probability 0.5.
 
@@ -187,10 +265,14 @@ def train(
         The trained model with its template, thresholds and split.
 
     Raises:
-        ValueError: On too few
-            images for a batch after the hold-out, or a checkpoint to resume from that belongs
-            to another config or data split.
-        FloatingPointError: If the loss becomes NaN or infinite (naming the epoch and step).
+        ValueError: On too few images for a batch after the hold-out, an unavailable
+            device, or a checkpoint to resume from that belongs to another architecture or
+            data split (see :data:`RESUMABLE_CHANGES`).
+        OSError: If ``checkpoint_dir`` cannot be written to (checked before the first epoch).
+        FloatingPointError: If the loss, a parameter or a buffer becomes NaN or infinite
+            (naming the epoch and step; no checkpoint is written from then on).
+        RuntimeError: If a step fails numerically (e.g. an SVD that does not converge),
+            naming the epoch and step.
 
     Example:
         >>> config = PyramidFlowConfig(channels=4, levels=2, depth=1, kernel_size=3,
@@ -199,13 +281,11 @@ def train(
         >>> len(result.train_indices), len(result.holdout_indices), result.thresholds is None
         (6, 2, False)
     """
+    device = check_device(device)
     dataset = as_dataset(data, config.image_size)
-    train_indices, holdout_indices = split_holdout(len(dataset), config.holdout, config.seed)
-    if len(train_indices) < config.batch_size:
-        raise ValueError(
-            f"{len(train_indices)} training images (after holding out {len(holdout_indices)}) "
-            f"are fewer than config.batch_size={config.batch_size}; provide more images"
-        )
+    train_indices, holdout_indices = training_split(config, len(dataset))
+    checkpoint = None if resume is None else check_resume(resume, config, holdout_indices)
+    folder = None if checkpoint_dir is None else check_writable(checkpoint_dir)
     torch.manual_seed(config.seed)
     # Our own draws use seeded generators; this covers datasets that draw from the global one.
     np.random.seed(config.seed)  # noqa: NPY002
@@ -215,23 +295,26 @@ def train(
         betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
     )
     start = 0
-    if resume is not None:
-        start = _resume(resume, model, optimizer, config, holdout_indices)
+    last_checkpoint: Path | None = None
+    # Where a diverged run can restart from: the last checkpoint written, or the resumed one.
+    finite_checkpoint: Path | None = None
+    if checkpoint is not None:
+        start = _resume(checkpoint, model, optimizer, config)
+        finite_checkpoint = checkpoint["path"]
 
-    folder = None if checkpoint_dir is None else Path(checkpoint_dir)
     train_set = Subset(dataset, train_indices)
     generator = torch.Generator()
     loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=True,
                         num_workers=num_workers, generator=generator)
     losses: list[float] = []
-    last_checkpoint = None
     epochs = tqdm(range(start, config.epochs), desc="epochs", disable=not progress,
                   initial=start, total=config.epochs)
     for epoch in epochs:
         # Seeding by (seed, epoch) makes a resumed run repeat the uninterrupted one exactly.
         generator.manual_seed(_epoch_seed(config.seed, epoch))
         augmenter = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch) + 1)
-        loss = _train_epoch(model, optimizer, loader, augmenter, config, epoch, progress)
+        loss = _train_epoch(model, optimizer, loader, augmenter, config, epoch, progress,
+                            finite_checkpoint)
         losses.append(loss)
         epochs.set_postfix(loss=f"{loss:.4g}")
         logger.info("epoch %d/%d: mean loss %.5g", epoch + 1, config.epochs, loss)
@@ -239,6 +322,7 @@ def train(
             last_checkpoint = folder / f"epoch-{epoch + 1:03d}.pt"
             save_checkpoint(last_checkpoint, model, epoch=epoch + 1, optimizer=optimizer,
                             holdout=holdout_indices)
+            finite_checkpoint = last_checkpoint
 
     model.eval()
     model.set_template(latent_statistics(model, train_set, batch_size=config.batch_size,
@@ -264,30 +348,79 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 def _train_epoch(model: PyramidFlow, optimizer: torch.optim.Optimizer, loader: DataLoader,
                  augmenter: torch.Generator, config: PyramidFlowConfig, epoch: int,
-                 progress: bool) -> float:
-    """One pass over the training images; returns the mean loss."""
+                 progress: bool, finite_checkpoint: Path | None) -> float:
+    """One pass over the training images; returns the mean loss.
+
+    Raises:
+        FloatingPointError: At the first non-finite loss, parameter or buffer.
+        RuntimeError: If a step fails, re-raised naming the epoch and step.
+    """
     model.train()
     device = next(model.parameters()).device
     total, steps = 0.0, len(loader)
     batches = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
     for step, batch in enumerate(batches):
+        where = f"epoch {epoch + 1}/{config.epochs}, step {step + 1}/{steps}"
         images = to_image_batch(batch["image"], config.image_size).to(device)
         if config.augment:
             images = augment(images, augmenter)
-        loss = model.loss(model(images))
-        if not torch.isfinite(loss):
+        try:
+            loss = model.loss(model(images))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"the training loss is {loss.item()} at {where}; training stopped. "
+                    f"Check the images for NaN, or {_lower_rate(config, finite_checkpoint)}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+        except torch.linalg.LinAlgError as error:  # diverged weights, e.g. an SVD of NaNs
+            raise RuntimeError(f"training failed at {where}: {error}; the weights have "
+                               f"probably diverged: {_lower_rate(config, finite_checkpoint)}"
+                               ) from error
+        except RuntimeError as error:
+            raise RuntimeError(f"training failed at {where}: {error}") from error
+        # An overflowing update can leave the loss finite and the weights not: a checkpoint
+        # of them would fail again when resumed.
+        broken = _first_non_finite(model.state_dict())
+        if broken is not None:
             raise FloatingPointError(
-                f"the training loss is {loss.item()} at epoch {epoch + 1}/{config.epochs}, "
-                f"step {step + 1}/{steps}; training stopped. Check the images for NaN, or "
-                f"lower config.learning_rate (now {config.learning_rate})"
+                f"{broken} became non-finite at {where} (the loss was {loss.item():.4g}); "
+                f"training stopped. Check the images, or {_lower_rate(config, finite_checkpoint)}"
             )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
         total += loss.item()
         batches.set_postfix(loss=f"{loss.item():.4g}")
     return total / steps
+
+
+def _lower_rate(config: PyramidFlowConfig, finite_checkpoint: Path | None) -> str:
+    """Advice after a divergence: resume from the last (finite) checkpoint with a lower rate."""
+    if finite_checkpoint is None:
+        return (f"lower config.learning_rate (now {config.learning_rate}) and start again; "
+                "no checkpoint was written")
+    return (f"lower config.learning_rate (now {config.learning_rate}) and resume from the "
+            f"last finite checkpoint '{finite_checkpoint}' (CLI: --resume --learning-rate X)")
+
+
+def _first_non_finite(tensors: Any, prefix: str = "") -> str | None:
+    """Name of the first floating tensor in nested dicts and lists holding NaN or infinity."""
+    named = list(_floating_tensors(tensors, prefix))
+    # One device sync for all tensors; the per-tensor search runs only after a failure.
+    if not named or bool(torch.stack([torch.isfinite(t).all() for _, t in named]).all()):
+        return None
+    return next(f"tensor '{name}'" for name, t in named if not bool(torch.isfinite(t).all()))
+
+
+def _floating_tensors(value: Any, name: str) -> Any:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _floating_tensors(item, f"{name}.{key}" if name else str(key))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _floating_tensors(item, f"{name}.{index}" if name else str(index))
+    elif isinstance(value, Tensor) and value.is_floating_point():
+        yield name, value.detach()
 
 
 def calibrate(model: PyramidFlow, holdout: ImageSource, *, num_workers: int = 0) -> Thresholds:
@@ -321,11 +454,18 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint (see the module docstring) atomically, creating its folder.
 
+    The file is written aside and renamed over ``path``, so an interrupted save leaves the
+    previous file (or none), never a truncated one.
+
     Returns:
         The checkpoint's path.
+
+    Raises:
+        FloatingPointError: If a weight, buffer or latent statistic is NaN or infinite
+            (naming it); nothing is written.
+        OSError: If the file cannot be written, naming it.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "format": CHECKPOINT_FORMAT,
         "version": _CHECKPOINT_VERSION,
@@ -341,10 +481,19 @@ def save_checkpoint(
         else {"image": thresholds.image, "pixel": thresholds.pixel},
         "holdout": None if holdout is None else [int(i) for i in holdout],
     }
-    # Written aside and renamed, so an interrupted save never leaves a truncated checkpoint.
+    broken = _first_non_finite({key: state[key] for key in ("model", "template", "spread",
+                                                            "bank")})
+    if broken is not None:
+        raise FloatingPointError(f"not writing checkpoint '{path}': its {broken} holds NaN or "
+                                 "infinite values")
     partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, partial)
+        os.replace(partial, path)
+    except (OSError, RuntimeError) as error:  # torch reports a failed open as RuntimeError
+        partial.unlink(missing_ok=True)
+        raise OSError(f"cannot write checkpoint '{path}': {error}") from error
     return path
 
 
@@ -365,7 +514,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for foreign or corrupt files
-        raise ValueError(f"'{path}' is not a readable PyramidFlow checkpoint: {error}") from error
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"'{path}' is not a readable PyramidFlow checkpoint: {reason}") from error
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"'{path}' is not a PyramidFlow checkpoint (expected a dict with "
                          f"format={CHECKPOINT_FORMAT!r})")
@@ -382,16 +532,60 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return state
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any],
-                          device: str | torch.device = "cpu") -> PyramidFlow:
-    """Rebuild the model of a loaded checkpoint, with its weights and template, in eval mode."""
+def model_from_checkpoint(checkpoint: dict[str, Any], device: str | torch.device = "cpu", *,
+                          source: str | os.PathLike[str] | None = None) -> PyramidFlow:
+    """Rebuild the model of a loaded checkpoint, with its weights and template, in eval mode.
+
+    Args:
+        checkpoint: A dict of :func:`load_checkpoint`.
+        device: Where the model goes.
+        source: The checkpoint's path, named in errors.
+
+    Raises:
+        ValueError: If the weights do not fit the model of the stored config (naming the first
+            tensor that differs).
+    """
     model = PyramidFlow(checkpoint["config"])
-    model.load_state_dict(checkpoint["model"])
+    load_weights(model, checkpoint["model"], source)
     if checkpoint["template"] is not None:
         model.template = tuple(checkpoint["template"])
         model.spread = tuple(checkpoint["spread"])
         model.bank = None if checkpoint["bank"] is None else tuple(checkpoint["bank"])
     return model.to(device).eval()
+
+
+def load_weights(model: PyramidFlow, weights: dict[str, Tensor],
+                 source: str | os.PathLike[str] | None = None) -> None:
+    """``model.load_state_dict(weights)``, failing in one line on the first tensor that differs.
+
+    Raises:
+        ValueError: Naming the first missing, unexpected or differently shaped tensor.
+    """
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        where = "the checkpoint" if source is None else f"checkpoint '{source}'"
+        mismatch = _first_mismatch(model, weights, error)
+        raise ValueError(f"{where} does not match its own config: {mismatch} "
+                         "(the weights come from a model with other settings, e.g. channels, "
+                         "levels or depth)") from error
+
+
+def _first_mismatch(model: PyramidFlow, weights: dict[str, Tensor], error: Exception) -> str:
+    """The first tensor that ``load_state_dict`` refused, in the model's order, in words."""
+    expected = model.state_dict()
+    for name, tensor in expected.items():
+        if name not in weights:
+            return f"it lacks the tensor '{name}'"
+        # Empty tensors are running statistics sized on load, not a mismatch.
+        if tensor.numel() and tuple(weights[name].shape) != tuple(tensor.shape):
+            return (f"its tensor '{name}' has shape {tuple(weights[name].shape)}, the config's "
+                    f"model has {tuple(tensor.shape)}")
+    unexpected = [name for name in weights if name not in expected]
+    if unexpected:
+        return (f"it has the tensor '{unexpected[0]}' ({len(unexpected)} unexpected in all), "
+                "which the config's model lacks")
+    return str(error).splitlines()[0]
 
 
 def latest_checkpoint(folder: str | os.PathLike[str]) -> Path:
@@ -406,17 +600,31 @@ def latest_checkpoint(folder: str | os.PathLike[str]) -> Path:
     return found[-1]
 
 
-def _resume(path: str | os.PathLike[str], model: PyramidFlow, optimizer: torch.optim.Optimizer,
-            config: PyramidFlowConfig, holdout: list[int]) -> int:
-    """Load a checkpoint's weights and optimizer state; returns its epoch."""
+def check_resume(path: str | os.PathLike[str], config: PyramidFlowConfig,
+                 holdout: list[int]) -> dict[str, Any]:
+    """Load a checkpoint to resume from and check that it continues this run.
+
+    Args:
+        path: The checkpoint.
+        config: The resumed run's config; only :data:`RESUMABLE_CHANGES` may differ from the
+            checkpoint's.
+        holdout: The resumed run's held-out indices (the same data gives the same ones).
+
+    Returns:
+        The loaded checkpoint.
+
+    Raises:
+        FileNotFoundError, ValueError: If the checkpoint is missing or unreadable, or belongs
+            to another architecture, data split or a finished detector without optimizer state.
+    """
     checkpoint = load_checkpoint(path)
     stored, current = checkpoint["config"].to_dict(), config.to_dict()
     changed = sorted(k for k in current
-                     if stored[k] != current[k] and k not in _RESUMABLE_CHANGES)
+                     if stored[k] != current[k] and k not in RESUMABLE_CHANGES)
     if changed:
         details = ", ".join(f"{k}: {stored[k]!r} -> {current[k]!r}" for k in changed)
         raise ValueError(f"cannot resume from '{path}': its config differs in {details} "
-                         f"(only {list(_RESUMABLE_CHANGES)} may change)")
+                         f"(only {', '.join(RESUMABLE_CHANGES)} may change)")
     if checkpoint["holdout"] is not None and checkpoint["holdout"] != holdout:
         raise ValueError(f"cannot resume from '{path}': it held out other images "
                          "(a different dataset or size); resume on the same training data")
@@ -426,7 +634,19 @@ def _resume(path: str | os.PathLike[str], model: PyramidFlow, optimizer: torch.o
     if checkpoint["epoch"] > config.epochs:
         raise ValueError(f"cannot resume from '{path}': it has {checkpoint['epoch']} epochs, "
                          f"more than config.epochs={config.epochs}")
-    model.load_state_dict(checkpoint["model"])
+    checkpoint["path"] = Path(path)
+    return checkpoint
+
+
+def _resume(checkpoint: dict[str, Any], model: PyramidFlow, optimizer: torch.optim.Optimizer,
+            config: PyramidFlowConfig) -> int:
+    """Load a checked checkpoint's weights and optimizer state; returns its epoch."""
+    load_weights(model, checkpoint["model"], checkpoint["path"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    logger.info("resuming from '%s' after epoch %d", path, checkpoint["epoch"])
+    # The stored state carries the old run's settings; the resumed run's config wins.
+    for group in optimizer.param_groups:
+        for field_name, key in _OPTIMIZER_SETTINGS.items():
+            value = getattr(config, field_name)
+            group[key] = tuple(value) if isinstance(value, list) else value
+    logger.info("resuming from '%s' after epoch %d", checkpoint["path"], checkpoint["epoch"])
     return checkpoint["epoch"]
