@@ -30,6 +30,7 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",
     "sphinx.ext.doctest",
     "sphinx.ext.viewcode",
     "matplotlib.sphinxext.plot_directive",
@@ -49,7 +50,9 @@ html_title = f"autoflow {release}"
 html_theme_options = {
     "description": "Invertible networks for PyTorch",
     "fixed_sidebar": True,
-    "page_width": "1100px",
+    # Wide enough for 88-character code lines (see _static/custom.css).
+    "page_width": "1180px",
+    "body_max_width": "none",
     "sidebar_width": "240px",
 }
 html_sidebars = {"**": ["about.html", "navigation.html", "relations.html", "searchbox.html"]}
@@ -85,4 +88,5 @@ plot_html_show_formats = False
 plot_formats = [("png", 110)]
 
 # -- math ----------------------------------------------------------------------------------------
-# MathJax is loaded by the reader's browser; the build itself fetches nothing.
+# MathJax ships with the build (the ``sphinx-mathjax-offline`` package copies MathJax 3 into
+# ``_static/mathjax`` and points ``mathjax_path`` there): pages render math with no network.
