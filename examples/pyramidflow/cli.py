@@ -549,7 +549,8 @@ def _prepare(config: PyramidFlowConfig, spec: dict[str, Any], folder: Path,
         check_writable(folder / "checkpoints")
         check_writable(folder)
     except OSError:
-        _remove_empty_folders(folder / "checkpoints", created or folder)
+        if created is not None:
+            _remove_empty_folders(folder / "checkpoints", created)
         raise
     return train_set, test_set, created
 
@@ -594,7 +595,8 @@ def _fit(config: PyramidFlowConfig, spec: dict[str, Any], folder: Path,
             train_set, checkpoint_dir=folder / "checkpoints", resume=resume,
             num_workers=args.workers, progress=args.progress)
     except BaseException:
-        _remove_empty_folders(folder / "checkpoints", created or folder / "checkpoints")
+        if created is not None:
+            _remove_empty_folders(folder / "checkpoints", created)
         raise
     logger.info("trained %s in %.1f s", folder.name, time.perf_counter() - started)
     detector.save(folder / _MODEL_FILE)

@@ -163,7 +163,7 @@ def test_any_non_zero_mask_pixel_is_a_defect(tmp_path, mask):
     assert np.array_equal(dataset[1]["mask"][0].numpy(), mask > 0)
 
 
-def test_16_bit_rgba_and_palette_masks(tmp_path):
+def test_16_bit_rgba_palette_and_colour_masks(tmp_path):
     expected = defect_mask() > 0
     (tmp_path / "bad").mkdir()
     (tmp_path / "masks").mkdir()
@@ -174,11 +174,14 @@ def test_16_bit_rgba_and_palette_masks(tmp_path):
     rgba[0, 0] = (200, 0, 0, 0)  # colour without opacity: nothing drawn
     Image.fromarray(rgba, "RGBA").save(tmp_path / "masks" / "rgba.png")
     Image.fromarray(defect_mask(3)).convert("P").save(tmp_path / "masks" / "pal.png")
-    for stem in ("m16", "rgba", "pal"):
+    colour = np.zeros((SIZE, SIZE, 3), np.uint8)
+    colour[..., 2] = defect_mask(40)  # dark blue defects
+    Image.fromarray(colour).save(tmp_path / "masks" / "rgb.png")
+    for stem in ("m16", "rgba", "pal", "rgb"):
         Image.fromarray(rgb(1)).save(tmp_path / "bad" / f"{stem}.png")
     dataset = ImageFolder(tmp_path / "bad", tmp_path / "bad", tmp_path / "masks", SIZE)
     dataset.records = [r for r in dataset.records if r.label == 1]
-    for index in range(3):
+    for index in range(4):
         assert np.array_equal(dataset[index]["mask"][0].numpy(), expected), index
 
 
@@ -237,6 +240,24 @@ def test_unwritable_checkpoint_folder_is_named_before_training(tmp_path, capsys)
     error = one_line_error(capsys, main(synthetic_run(out)))
     assert f"cannot write to the folder '{out / 'checkpoints'}'" in error
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
+
+
+def test_a_read_only_checkpoint_folder_is_named_before_training(tmp_path, capsys,
+                                                                monkeypatch):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    write_bytes = Path.write_bytes
+
+    def read_only(self, data):
+        # As root, chmod does not stop writes: refuse them in checkpoints/ directly.
+        if self.parent.name == "checkpoints":
+            raise PermissionError(13, "Permission denied")
+        return write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    error = one_line_error(capsys, main(synthetic_run(out)))
+    assert f"cannot write to the folder '{out / 'checkpoints'}': Permission denied" in error
+    assert sorted(p.name for p in out.rglob("*")) == ["checkpoints"]
 
 
 def test_a_failing_checkpoint_write_names_the_file_and_leaves_no_partial(tmp_path, monkeypatch,
