@@ -211,7 +211,9 @@ def _add_data_flags(parser: argparse.ArgumentParser, required: bool) -> None:
     group.add_argument("--test-good", type=Path,
                        help="folder of normal test images (never the training ones)")
     group.add_argument("--defective", type=Path, help="folder of defective test images")
-    group.add_argument("--masks", type=Path, help="folder of their masks (same stems)")
+    group.add_argument("--masks", type=Path,
+                       help="folder of their masks (same stems); every non-zero mask pixel "
+                            "is a defect, and a mask that marks none is an error")
     group.add_argument("--kind", choices=_DEMO_KINDS, help="synthetic product kind")
     group.add_argument("--train-images", type=int, default=128,
                        help="synthetic training images (default: 128)")

@@ -44,6 +44,15 @@ def test_every_command_has_help(command, capsys):
     assert "usage: python -m examples.pyramidflow" in capsys.readouterr().out
 
 
+def test_train_help_states_the_run_folder_and_mask_rules(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for phrase in ("--overwrite", "refused unless --overwrite", "the architecture must match",
+                   "every non-zero mask pixel is a defect", "temporary name and renamed"):
+        assert phrase in text, phrase
+
+
 def test_booleans_are_flags_not_strings():
     parser = build_parser()
     assert getattr(parser.parse_args(["demo", "--augment"]), "config.augment") is True
