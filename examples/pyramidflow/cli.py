@@ -82,6 +82,7 @@ _MODEL_FILE = "model.pt"
 _RUN_FILES = ("config.json", "data.json", _MODEL_FILE, "image_template.png", "results.json",
               "results.md")
 _RUN_FOLDERS = ("checkpoints", "heatmaps", "predictions")
+_PATH_KEYS = ("root", "good", "test_good", "defective", "masks")
 
 RUN_FOLDER_RULES = (
     "Run folders: everything (data layout and masks, --device, the config, whether the "
@@ -492,12 +493,19 @@ def _resume_source(args: argparse.Namespace, folder: Path,
     stored = folder / "data.json"
     if stored.is_file():
         previous = json.loads(stored.read_text())
-        changed = sorted(k for k in set(previous) | set(spec) if previous.get(k) != spec.get(k))
+        changed = sorted(k for k in set(previous) | set(spec)
+                         if not _same_data_value(k, previous.get(k), spec.get(k)))
         if changed:
             details = ", ".join(f"{k}: {previous.get(k)!r} -> {spec.get(k)!r}" for k in changed)
             raise ValueError(f"cannot resume the run in '{folder}' on other data ({details}); "
                              "give the same dataset flags")
     return resume
+
+
+def _same_data_value(key: str, stored: Any, given: Any) -> bool:
+    if key in _PATH_KEYS and isinstance(stored, str) and isinstance(given, str):
+        return Path(stored).resolve() == Path(given).resolve()  # ./a/b is a/b
+    return stored == given
 
 
 def _run_contents(folder: Path, files: Sequence[str] = _RUN_FILES) -> list[str]:

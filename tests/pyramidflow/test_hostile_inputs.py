@@ -353,6 +353,16 @@ def test_resume_refuses_other_data(tmp_path, capsys):
     assert "on other data (data_seed: 0 -> 3)" in error
 
 
+def test_resume_takes_the_same_folders_spelled_differently(tmp_path):
+    dirs = folder_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    flags = ["--out", str(out), "--no-evaluate", *TINY_FLAGS]
+    assert main(["train", "--dataset", "folder", "--good", str(dirs["good"]), "--epochs", "1",
+                 *flags]) == 0
+    assert main(["train", "--dataset", "folder", "--good", f"{dirs['good']}/.", "--epochs",
+                 "2", "--resume", *flags]) == 0
+
+
 # --- checkpoints are never non-finite -------------------------------------------------------
 
 
