@@ -72,6 +72,18 @@ def test_resume_rejects_another_config(tmp_path, tiny_config, normal_images):
               progress=False)
 
 
+def test_resume_may_change_the_optimiser_settings_and_they_are_used(tmp_path, tiny_config,
+                                                                    normal_images):
+    train(tiny_config(epochs=1), normal_images, checkpoint_dir=tmp_path, progress=False)
+    changed = tiny_config(epochs=2, learning_rate=1e-5, betas=(0.9, 0.99), eps=1e-6,
+                          weight_decay=0.0, grad_clip=0.5)
+    train(changed, normal_images, checkpoint_dir=tmp_path, resume=tmp_path / "epoch-001.pt",
+          progress=False)
+    group = load_checkpoint(tmp_path / "epoch-002.pt")["optimizer"]["param_groups"][0]
+    assert (group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"]) == (
+        1e-5, (0.9, 0.99), 1e-6, 0.0)
+
+
 def test_nan_loss_stops_at_once_naming_epoch_and_step(monkeypatch, tmp_path, tiny_config,
                                                       normal_images):
     calls = itertools.count(1)
