@@ -1,0 +1,1 @@
+"""Tests of the PyramidFlow example (a package, so its module names may repeat the library's)."""
