@@ -45,7 +45,8 @@ class ActNorm(InvertibleModule):
         AutoflowError: If ``channels`` is not a positive int or ``eps`` is not positive.
 
     Example:
-        >>> norm = ActNorm(3)
+        >>> import torch, autoflow
+        >>> norm = autoflow.ActNorm(3)
         >>> x = 5 + 2 * torch.randn(4, 3, 8, 8)
         >>> y, logdet = norm(x)
         >>> bool(y.mean().abs() < 1e-5), bool(norm.initialized), tuple(logdet.shape)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .base import (
     InvertibleModule,
     Shape,
+    check_bool,
     check_dtype,
     check_image,
     check_image_shape,
@@ -69,7 +70,8 @@ class InvConv1x1(InvertibleModule):
         AutoflowError: If ``channels`` is not a positive int.
 
     Example:
-        >>> conv = InvConv1x1(4)
+        >>> import torch, autoflow
+        >>> conv = autoflow.InvConv1x1(4)
         >>> x = torch.randn(2, 4, 3, 3)
         >>> y, logdet = conv(x)
         >>> x_back, logdet_inv = conv.inverse(y)
@@ -85,12 +87,8 @@ class InvConv1x1(InvertibleModule):
     def __init__(self, channels: int, *, volume_norm: bool = False) -> None:
         super().__init__()
         self.channels = check_int(channels, "channels", "InvConv1x1")
-        if not isinstance(volume_norm, bool):
-            # A mode string such as "none" would otherwise read as True.
-            raise AutoflowError(
-                f"InvConv1x1 volume_norm must be a bool, received {volume_norm!r}"
-            )
-        self.volume_norm = volume_norm
+        # A mode string such as "none" would otherwise read as True.
+        self.volume_norm = check_bool(volume_norm, "volume_norm", "InvConv1x1")
         self.volume_preserving = self.volume_norm
         generator = _seeded_generator()
         q, _ = torch.linalg.qr(torch.randn(channels, channels, generator=generator))
@@ -208,7 +206,8 @@ class LiftingConv1x1(InvertibleModule):
         AutoflowError: If a count is not a positive int or ``channels < in_channels``.
 
     Example:
-        >>> lift = LiftingConv1x1(8)
+        >>> import torch, autoflow
+        >>> lift = autoflow.LiftingConv1x1(8)
         >>> image = torch.randn(2, 3, 4, 4)
         >>> features, logdet = lift(image)
         >>> back, _ = lift.inverse(features)

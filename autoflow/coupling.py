@@ -35,6 +35,7 @@ from .base import (
     Reconstruction,
     Shape,
     State,
+    check_bool,
     check_image,
     check_image_shape,
     check_int,
@@ -83,6 +84,8 @@ def make_conditioner(
             positive odd int.
 
     Example:
+        >>> import torch
+        >>> from autoflow.coupling import make_conditioner
         >>> net = make_conditioner(2, 4, 8)
         >>> net(torch.randn(1, 2, 5, 5)).abs().max().item()
         0.0
@@ -96,8 +99,7 @@ def make_conditioner(
     if check_int(kernel_size, "kernel_size", "make_conditioner") % 2 == 0:
         # An even kernel cannot keep H and W with symmetric padding.
         raise AutoflowError(f"kernel_size must be odd, received {kernel_size}")
-    if not isinstance(bias, bool):
-        raise AutoflowError(f"make_conditioner bias must be a bool, received {bias!r}")
+    check_bool(bias, "bias", "make_conditioner")
     padding = kernel_size // 2
     last = nn.Conv2d(hidden_channels, out_channels, kernel_size, padding=padding, bias=bias)
     nn.init.zeros_(last.weight)
@@ -127,6 +129,8 @@ def soft_clamp(s: Tensor, clamp: float, kind: str = "tanh") -> Tensor:
         AutoflowError: If ``kind`` is not one of :data:`CLAMP_KINDS`.
 
     Example:
+        >>> import torch
+        >>> from autoflow.coupling import soft_clamp
         >>> soft_clamp(torch.tensor([0.0, 100.0]), 2.0).tolist()
         [0.0, 2.0]
         >>> round(soft_clamp(torch.tensor(100.0), 2.0, kind="atan").item(), 2)
@@ -143,6 +147,8 @@ def affine_apply(x: Tensor, s: Tensor | None, t: Tensor) -> Tensor:
     """Eq. 3: ``exp(s) * x + t``; ``s=None`` is the additive case ``x + t``.
 
     Example:
+        >>> import torch
+        >>> from autoflow.coupling import affine_apply
         >>> affine_apply(torch.ones(2), torch.zeros(2), torch.ones(2)).tolist()
         [2.0, 2.0]
     """
@@ -154,6 +160,8 @@ def affine_invert(y: Tensor, s: Tensor | None, t: Tensor) -> Tensor:
     """Eq. 4: ``exp(-s) * (y - t)``; ``s=None`` is the additive case ``y - t``.
 
     Example:
+        >>> import torch
+        >>> from autoflow.coupling import affine_invert
         >>> affine_invert(torch.full((2,), 2.0), torch.zeros(2), torch.ones(2)).tolist()
         [1.0, 1.0]
     """
@@ -169,6 +177,8 @@ def log_scale_sum(s: Tensor | None, like: Tensor) -> Tensor:
         like: The transformed tensor, giving batch size, dtype and device for the zeros.
 
     Example:
+        >>> import torch
+        >>> from autoflow.coupling import log_scale_sum
         >>> log_scale_sum(torch.ones(2, 3, 1, 1), torch.empty(2, 3, 1, 1)).tolist()
         [3.0, 3.0]
     """
@@ -217,7 +227,7 @@ class Coupling(InvertibleModule):
     :meth:`_merge` and :meth:`_conditioner_input`. The base then applies::
 
         s, t = conditioner(_conditioner_input(kept))   # s soft-clamped, volume-normalised
-        target' = mixer(exp(s) * target + t)           # mixer optional (e.g. InvConv1x1)
+        new_target = mixer(exp(s) * target + t)        # mixer optional (e.g. InvConv1x1)
         logdet = sum(s) + logdet(mixer)
 
     and overrides the engine hooks so the conditioner runs exactly once per reconstruction.
@@ -240,7 +250,8 @@ class Coupling(InvertibleModule):
     Example:
         The engine hook rebuilds the input from the output, one leaf per part:
 
-        >>> layer = AffineCoupling(4)
+        >>> import torch, autoflow
+        >>> layer = autoflow.AffineCoupling(4)
         >>> y, _ = layer(torch.randn(1, 4, 2, 2))
         >>> rec = layer.reconstruct(y)
         >>> len(rec.leaves), tuple(rec.input_from_leaves(rec.leaves).shape)
@@ -267,12 +278,13 @@ class Coupling(InvertibleModule):
             raise AutoflowError(
                 f"{name} conditioner must be an nn.Module, received {type(conditioner).__name__}"
             )
+        check_bool(additive, "additive", name)
         if additive and volume_norm is not None:
             raise AutoflowError(f"{name} is additive (s = 0): volume_norm has nothing to normalise")
         self.conditioner = conditioner
         self.clamp = _check_clamp(clamp, name)
         self.volume_norm = _make_volume_norm(volume_norm, name)
-        self.additive = additive
+        self.additive = check_bool(additive, "additive", name)
         self.mixer = mixer
         self.clamp_kind = clamp_kind
 
@@ -473,7 +485,8 @@ class AffineCoupling(_ChannelCoupling):
             ``conditioner``.
 
     Example:
-        >>> layer = AffineCoupling(4)
+        >>> import torch, autoflow
+        >>> layer = autoflow.AffineCoupling(4)
         >>> x = torch.randn(2, 4, 3, 3)
         >>> y, logdet = layer(x)
         >>> tuple(logdet.shape), bool(torch.equal(y, x))  # zero-initialised: identity
@@ -520,7 +533,8 @@ class AdditiveCoupling(_ChannelCoupling):
         AutoflowError: For invalid arguments.
 
     Example:
-        >>> layer = AdditiveCoupling(3)
+        >>> import torch, autoflow
+        >>> layer = autoflow.AdditiveCoupling(3)
         >>> y, logdet = layer(torch.randn(2, 3, 4, 4))
         >>> logdet.tolist()
         [0.0, 0.0]

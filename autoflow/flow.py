@@ -25,7 +25,15 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import InvertibleModule, Shape, State, check_int, flatten_state, require_bijective
+from .base import (
+    InvertibleModule,
+    Shape,
+    State,
+    check_bool,
+    check_int,
+    flatten_state,
+    require_bijective,
+)
 from .errors import AutoflowError, NotBijectiveError, ShapeError
 
 __all__ = ["Flow", "StandardNormal"]
@@ -39,7 +47,8 @@ class StandardNormal(nn.Module):
     A custom base passed to :class:`Flow` needs the same two methods.
 
     Example:
-        >>> base = StandardNormal()
+        >>> import torch, autoflow
+        >>> base = autoflow.StandardNormal()
         >>> z = base.sample(((2, 1, 1), (1, 1, 1)), 4)
         >>> [tuple(t.shape) for t in z], tuple(base.log_prob(z).shape)
         ([(4, 2, 1, 1), (4, 1, 1, 1)], (4,))
@@ -101,9 +110,10 @@ class Flow(nn.Module):
         ShapeError: If ``transform`` cannot take inputs of ``shape``.
 
     Example:
+        >>> import math
         >>> import torch, autoflow
-        >>> flow = Flow(autoflow.Sequential(autoflow.ActNorm(2), autoflow.AffineCoupling(2)),
-        ...             (2, 1, 1))
+        >>> transform = autoflow.Sequential(autoflow.ActNorm(2), autoflow.AffineCoupling(2))
+        >>> flow = autoflow.Flow(transform, (2, 1, 1))
         >>> x = torch.randn(5, 2, 1, 1)
         >>> tuple(flow.log_prob(x).shape), tuple(flow.sample(3).shape)
         ((5,), (3, 2, 1, 1))
@@ -236,6 +246,7 @@ class Flow(nn.Module):
             AutoflowError: If ``n`` is not a positive int or ``temperature`` is not positive.
         """
         check_int(n, "n", "Flow.sample")
+        check_bool(return_log_prob, "return_log_prob", "Flow.sample")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
             temperature > 0
         ):

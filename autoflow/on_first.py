@@ -33,7 +33,7 @@ class OnFirst(InvertibleModule):
 
     Example:
         >>> import torch, autoflow
-        >>> step = OnFirst(autoflow.ActNorm(2))
+        >>> step = autoflow.OnFirst(autoflow.ActNorm(2))
         >>> (h, z), logdet = step((torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3)))
         >>> tuple(h.shape), tuple(logdet.shape)
         ((4, 2, 3, 3), (4,))

@@ -31,7 +31,8 @@ class Permute(InvertibleModule):
         AutoflowError: If ``channels`` is not a positive int or ``kind`` is unknown.
 
     Example:
-        >>> perm = Permute(3, kind="reverse")
+        >>> import torch, autoflow
+        >>> perm = autoflow.Permute(3, kind="reverse")
         >>> y, logdet = perm(torch.arange(3.0).view(1, 3, 1, 1))
         >>> y.flatten().tolist(), logdet.tolist()
         ([2.0, 1.0, 0.0], [0.0])

@@ -91,6 +91,8 @@ def gaussian_down(x: Tensor) -> Tensor:
         A ``(B, C, H / 2, W / 2)`` tensor.
 
     Example:
+        >>> import torch
+        >>> from autoflow.pyramid import gaussian_down
         >>> gaussian_down(torch.ones(1, 2, 4, 4)).shape
         torch.Size([1, 2, 2, 2])
     """
@@ -109,6 +111,8 @@ def gaussian_up(x: Tensor) -> Tensor:
         A ``(B, C, 2h, 2w)`` tensor.
 
     Example:
+        >>> import torch
+        >>> from autoflow.pyramid import gaussian_up
         >>> gaussian_up(torch.ones(1, 1, 2, 2)).shape
         torch.Size([1, 1, 4, 4])
     """
@@ -122,6 +126,8 @@ def maxpool_down(x: Tensor) -> Tensor:
     """2×2 max-pooling with stride 2: ``(B, C, H, W) -> (B, C, H / 2, W / 2)``.
 
     Example:
+        >>> import torch
+        >>> from autoflow.pyramid import maxpool_down
         >>> maxpool_down(torch.arange(16.0).reshape(1, 1, 4, 4)).flatten().tolist()
         [5.0, 7.0, 13.0, 15.0]
     """
@@ -132,6 +138,8 @@ def bilinear_up(x: Tensor) -> Tensor:
     """Bilinear ×2 upsampling (``align_corners=False``): ``(B, C, h, w) -> (B, C, 2h, 2w)``.
 
     Example:
+        >>> import torch
+        >>> from autoflow.pyramid import bilinear_up
         >>> bilinear_up(torch.ones(1, 1, 1, 2)).shape
         torch.Size([1, 1, 2, 4])
     """
@@ -144,6 +152,8 @@ def blur_maxpool_down(x: Tensor) -> Tensor:
     """Binomial 5×5 blur with zero padding, then 2×2 max-pooling (the public PyramidFlow code).
 
     Example:
+        >>> import torch
+        >>> from autoflow.pyramid import blur_maxpool_down
         >>> blur_maxpool_down(torch.ones(1, 1, 8, 8))[0, 0, 1:3, 1:3].tolist()
         [[1.0, 1.0], [1.0, 1.0]]
     """
@@ -157,6 +167,8 @@ def nearest_blur_up(x: Tensor) -> Tensor:
     kept away from the 2-pixel border, where the zero padding darkens them.
 
     Example:
+        >>> import torch
+        >>> from autoflow.pyramid import nearest_blur_up
         >>> nearest_blur_up(torch.ones(1, 1, 4, 4))[0, 0, 2:6, 2:6].unique().tolist()
         [1.0]
     """
@@ -194,7 +206,8 @@ class LaplacianPyramid(InvertibleModule):
             ``up`` is not callable.
 
     Example:
-        >>> pyramid = LaplacianPyramid(levels=3)
+        >>> import torch, autoflow
+        >>> pyramid = autoflow.LaplacianPyramid(levels=3)
         >>> x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
         >>> parts, logdet = pyramid(x)
         >>> [tuple(p.shape) for p in parts], logdet

@@ -210,7 +210,8 @@ class PyramidCoupling(_LevelCoupling):
             int, ``target == source``, or another argument is invalid.
 
     Example:
-        >>> block = PyramidCoupling(2, target=0, source=1)
+        >>> import torch, autoflow
+        >>> block = autoflow.PyramidCoupling(2, target=0, source=1)
         >>> levels = (torch.randn(1, 2, 8, 8), torch.randn(1, 2, 4, 4))
         >>> out, logdet = block(levels)
         >>> [tuple(t.shape) for t in out], tuple(logdet.shape)
@@ -284,7 +285,8 @@ class DualPyramidCoupling(_LevelCoupling):
             argument is invalid.
 
     Example:
-        >>> block = DualPyramidCoupling(1)
+        >>> import torch, autoflow
+        >>> block = autoflow.DualPyramidCoupling(1)
         >>> levels = tuple(torch.randn(2, 1, 2 ** (3 - d), 2 ** (3 - d)) for d in range(3))
         >>> out, logdet = block(levels)
         >>> bool(torch.equal(out[0], levels[0])), tuple(logdet.shape)

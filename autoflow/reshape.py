@@ -79,7 +79,8 @@ class HaarDownsample(_Downsample2x):
         AutoflowError: If ``channels`` is not a positive int.
 
     Example:
-        >>> haar = HaarDownsample(1)
+        >>> import torch, autoflow
+        >>> haar = autoflow.HaarDownsample(1)
         >>> x = torch.ones(1, 1, 2, 2)
         >>> y, logdet = haar(x)
         >>> y.flatten().tolist(), logdet.tolist()
@@ -133,7 +134,8 @@ class Squeeze(_Downsample2x):
         AutoflowError: If ``channels`` is not a positive int.
 
     Example:
-        >>> squeeze = Squeeze(1)
+        >>> import torch, autoflow
+        >>> squeeze = autoflow.Squeeze(1)
         >>> y, _ = squeeze(torch.arange(4.0).view(1, 1, 2, 2))
         >>> y.flatten().tolist()
         [0.0, 1.0, 2.0, 3.0]

@@ -44,6 +44,7 @@ from .base import (
     Reconstruction,
     Shape,
     State,
+    check_bool,
     check_image,
     check_image_shape,
     check_int,
@@ -95,11 +96,12 @@ class Split(InvertibleModule):
         AutoflowError: If ``channels`` is not an int ``>= 2``, or a prior option is invalid.
 
     Example:
-        >>> split = Split(4)
+        >>> import torch, autoflow
+        >>> split = autoflow.Split(4)
         >>> (h, z), logdet = split(torch.randn(2, 4, 3, 3))
         >>> tuple(h.shape), tuple(z.shape), tuple(logdet.shape)
         ((2, 2, 3, 3), (2, 2, 3, 3), (2,))
-        >>> (h2, z_a, z_b), _ = Split(2)((h, z))
+        >>> (h2, z_a, z_b), _ = autoflow.Split(2)((h, z))
         >>> tuple(h2.shape), tuple(z_b.shape)
         ((2, 1, 3, 3), (2, 1, 3, 3))
         >>> split.output_shape((4, 3, 3))
@@ -120,7 +122,7 @@ class Split(InvertibleModule):
         self.channels = channels
         self.latent_channels = channels // 2
         self.kept_channels = channels - self.latent_channels
-        self.learned_prior = bool(learned_prior)
+        self.learned_prior = check_bool(learned_prior, "learned_prior", "Split")
         if learned_prior:
             hidden = channels if hidden_channels is None else hidden_channels
             self.prior: _LatentPrior | None = _LatentPrior(

@@ -46,7 +46,8 @@ class VolumeNorm(nn.Module):
         AutoflowError: If ``mode`` is unknown or ``momentum`` is outside ``[0, 1]``.
 
     Example:
-        >>> norm = VolumeNorm("spatial")
+        >>> import torch, autoflow
+        >>> norm = autoflow.VolumeNorm("spatial")
         >>> s = torch.randn(2, 3, 4, 4)
         >>> out = norm(s)
         >>> bool(out.mean(dim=(0, 2, 3)).abs().max() < 1e-6), tuple(norm.running_mean.shape)

@@ -34,6 +34,8 @@ def relative_error(actual: State, expected: State, *, floor: float = 0.0) -> flo
     ``inf``: a check must never pass on a non-finite value.
 
     Example:
+        >>> import torch
+        >>> from autoflow.testing import relative_error
         >>> relative_error(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0]))
         0.5
         >>> relative_error(torch.tensor([float("nan")]), torch.tensor([1.0]))

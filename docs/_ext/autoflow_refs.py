@@ -1,4 +1,4 @@
-"""Small autodoc adjustments for the autoflow API pages.
+"""Small autodoc adjustments for the autoflow API pages, and plain text for metric names.
 
 Cross-references written against a name's defining module are resolved to the public name;
 private base classes are shown as their public ancestor; signatures and shared docstring entries
@@ -13,6 +13,9 @@ A reference that Sphinx cannot resolve and whose last component names exactly on
 from __future__ import annotations
 
 import re
+
+from docutils import nodes
+from sphinx.transforms import SphinxTransform
 
 
 def _missing_reference(app, env, node, contnode):
@@ -48,6 +51,8 @@ def _public_bases(app, name, obj, options, bases):
 _ALIAS = re.compile(
     r"TypeAliasForwardRef\('(?:[\w.]+\.)?(\w+)'\)|\bautoflow\.base\.(State|Shape)\b"
 )
+# ``(*args: Any, **kwargs: Any)``, the annotation written ``Any`` or ``~typing.Any``.
+_CATCH_ALL = re.compile(r"\(\*args(?:: [~\w.]*Any)?, \*\*kwargs(?:: [~\w.]*Any)?\)")
 _SHARED_ENTRY = re.compile(r"^(\s+)(\w+(?:, \w+)+): (.*)$")
 
 
@@ -58,7 +63,7 @@ def _signature(app, what, name, obj, options, signature, return_annotation):
     aliases ``State`` and ``Shape`` are shown by name (autodoc leaves a ``TypeAliasForwardRef``
     inside generic return types).
     """
-    if what == "class" and signature == "(*args: Any, **kwargs: Any)":
+    if what == "class" and signature and _CATCH_ALL.fullmatch(signature):
         signature = "()"
 
     def short(text):
@@ -90,7 +95,21 @@ def _split_shared_entries(app, what, name, obj, options, lines):
     lines[:] = expanded
 
 
+class MetricNamesAreNotEmails(SphinxTransform):
+    """docutils links any ``name@host`` as an e-mail address, so ``AUPRO@0.3`` became a
+    ``mailto:`` link; an address whose host has no letter is no address: show it as text."""
+
+    default_priority = 500
+
+    def apply(self, **kwargs) -> None:
+        for ref in list(self.document.findall(nodes.reference)):
+            uri = ref.get("refuri", "")
+            if uri.startswith("mailto:") and not re.search(r"[a-zA-Z]", uri.rpartition("@")[2]):
+                ref.replace_self(nodes.Text(ref.astext()))
+
+
 def setup(app):
+    app.add_transform(MetricNamesAreNotEmails)
     app.connect("missing-reference", _missing_reference)
     app.connect("autodoc-process-bases", _public_bases)
     app.connect("autodoc-process-signature", _signature)

@@ -4,6 +4,11 @@ Supports what ``benchmarks/results/*.md`` use: ``#`` headings (shown as rubrics)
 ``-``/``*`` bullet lists, fenced code blocks and pipe tables (rendered as real tables), with
 inline ``code`` and ``**bold**``. The file is read at build time, so the page always shows the
 numbers the benchmark last wrote; a missing file is a build error, not an empty section.
+
+``:skip: Targets, Reading`` leaves out the parts of the file that are the project's own
+bookkeeping rather than results: a heading starting with one of the words, up to the next
+heading, or a ``Word ...:`` line with the bullet list after it. ``:link:`` adds a line linking
+the whole file (copied into the built site, so the link works offline).
 """
 
 from __future__ import annotations
@@ -26,6 +31,35 @@ def _inline(text: str) -> str:
 
 def _cells(line: str) -> list[str]:
     return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def _is_heading(line: str) -> bool:
+    return line.lstrip().startswith("#")
+
+
+def drop_sections(text: str, prefixes: list[str]) -> str:
+    """``text`` without the headed sections and labelled lists whose title starts with one of
+    ``prefixes`` (see the module docstring)."""
+    out: list[str] = []
+    skipping = None  # None, "heading" (until the next heading) or "list" (until a non-bullet)
+    for line in text.splitlines():
+        stripped = line.strip()
+        title = stripped.lstrip("#").strip()
+        starts = any(title.startswith(p) for p in prefixes) and (
+            _is_heading(stripped) or (stripped.endswith(":") and not stripped.startswith("|"))
+        )
+        if starts:
+            skipping = "heading" if _is_heading(stripped) else "list"
+            continue
+        if skipping == "heading" and _is_heading(stripped):
+            skipping = None
+        elif skipping == "list" and stripped and not re.match(r"[-*] ", stripped) and (
+            not line.startswith((" ", "\t"))  # a continuation line of a bullet stays skipped
+        ):
+            skipping = None
+        if skipping is None:
+            out.append(line)
+    return "\n".join(out)
 
 
 def markdown_to_rst(text: str, *, skip_title: bool) -> list[str]:
@@ -78,7 +112,11 @@ class MarkdownInclude(SphinxDirective):
     """Parse a markdown file relative to the current document and insert it."""
 
     required_arguments = 1
-    option_spec = {"skip-title": directives.flag}
+    option_spec = {
+        "skip-title": directives.flag,
+        "skip": lambda arg: [word.strip() for word in arg.split(",") if word.strip()],
+        "link": directives.unchanged,
+    }
 
     def run(self) -> list[nodes.Node]:
         rel, path = self.env.relfn2path(self.arguments[0], self.env.docname)
@@ -86,8 +124,11 @@ class MarkdownInclude(SphinxDirective):
         if not path.is_file():
             raise self.error(f"markdown-include: file not found: {path}")
         self.env.note_dependency(rel)
-        rst = markdown_to_rst(path.read_text(encoding="utf-8"),
-                              skip_title="skip-title" in self.options)
+        text = drop_sections(path.read_text(encoding="utf-8"), self.options.get("skip", []))
+        rst = markdown_to_rst(text, skip_title="skip-title" in self.options)
+        if "link" in self.options:
+            label = self.options["link"] or "The whole results file"
+            rst += ["", f"{label}: :download:`{path.name} <{self.arguments[0]}>`.", ""]
         container = nodes.container()
         self.state.nested_parse(StringList(rst, str(path)), self.content_offset, container)
         return container.children
