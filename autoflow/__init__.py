@@ -4,7 +4,7 @@ from .actnorm import ActNorm
 from .base import InvertibleModule, Reconstruction, State, require_bijective
 from .conv1x1 import InvConv1x1, LiftingConv1x1
 from .coupling import AdditiveCoupling, AffineCoupling, Coupling
-from .errors import AutoflowError, EngineError, NotBijectiveError, ShapeError
+from .errors import AutoflowError, EngineError, NotBijectiveError, ShapeError, SwitchError
 from .flow import Flow, StandardNormal
 from .glow import glow
 from .on_first import OnFirst
@@ -42,6 +42,7 @@ __all__ = [
     "Split",
     "Squeeze",
     "StandardNormal",
+    "SwitchError",
     "State",
     "VolumeNorm",
     "glow",

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .errors import AutoflowError, NotBijectiveError, ShapeError
+from .errors import AutoflowError, NotBijectiveError, ShapeError, SwitchError
 
 __all__ = [
     "State",
@@ -240,6 +240,19 @@ def check_int(value: object, name: str, owner: str, *, minimum: int = 1, why: st
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise AutoflowError(
             f"{owner} {name} must be an int >= {minimum}{why}, received {value!r}"
+        )
+    return value
+
+
+def check_bool(value: object, name: str, owner: str) -> bool:
+    """Return ``value`` if it is a bool, else raise: a switch is never read from truthiness.
+
+    Raises:
+        SwitchError: ``"<owner> <name> must be a bool, received <value>"``.
+    """
+    if not isinstance(value, bool):
+        raise SwitchError(
+            f"{owner} {name} must be a bool, received {value!r}"
         )
     return value
 

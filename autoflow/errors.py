@@ -5,7 +5,8 @@ The checks behind them follow one convention throughout the library:
 * a state is a floating-point tensor (an integer or bool tensor is refused with
   ``"<Module> expected a floating-point input, received <dtype>"``);
 * a switch is a bool, checked strictly (``InvConv1x1(volume_norm=...)``,
-  ``make_conditioner(bias=...)``): a string such as ``"none"`` is refused, never read as True;
+  ``make_conditioner(bias=...)``, ``Sequential(memory_saving=...)``): a string such as
+  ``"none"`` or ``"no"`` is refused with a :class:`SwitchError`, never read as True;
 * a choice among modes is a mode string, with None for "off" (a coupling's ``volume_norm``
   is ``None``, ``"channel"`` or ``"spatial"``);
 * counts are ints, never bools (``check_int``); scales are finite positive numbers.
@@ -13,7 +14,7 @@ The checks behind them follow one convention throughout the library:
 Every message names the module, what it expected and what it received.
 """
 
-__all__ = ["AutoflowError", "ShapeError", "NotBijectiveError", "EngineError"]
+__all__ = ["AutoflowError", "ShapeError", "NotBijectiveError", "EngineError", "SwitchError"]
 
 
 class AutoflowError(ValueError):
@@ -30,3 +31,10 @@ class NotBijectiveError(AutoflowError):
 
 class EngineError(AutoflowError, RuntimeError):
     """The memory-saving engine was used in a way it cannot support."""
+
+
+class SwitchError(AutoflowError, TypeError):
+    """An on/off option received something other than a bool.
+
+    Also a ``TypeError``: the value has the wrong type, and ``"no"`` must not read as True.
+    """

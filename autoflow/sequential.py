@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 from torch import Tensor, nn
 
-from .base import InvertibleModule, Shape, State, sum_logdets
+from .base import InvertibleModule, Shape, State, check_bool, sum_logdets
 from .engine import EngineOptions, run_memory_saving, run_plain
 from .errors import EngineError, ShapeError
 
@@ -53,6 +53,9 @@ class Sequential(InvertibleModule):
         preserve_rng_state: bool = True,
     ) -> None:
         super().__init__()
+        for value, name in ((memory_saving, "memory_saving"), (debug, "debug"),
+                            (preserve_rng_state, "preserve_rng_state")):
+            check_bool(value, name, "Sequential")
         for i, module in enumerate(modules):
             self.append(module) if isinstance(module, nn.Module) else self._reject(i, module)
         self.memory_saving = memory_saving

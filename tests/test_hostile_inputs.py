@@ -113,3 +113,44 @@ def test_odd_size_into_a_downsampling_is_refused():
 
 def test_errors_are_value_errors_for_callers_that_catch_those():
     assert issubclass(AutoflowError, ValueError) and issubclass(ShapeError, AutoflowError)
+
+
+SWITCHES: dict[str, Callable[[object], object]] = {
+    "Sequential memory_saving": lambda v: autoflow.Sequential(autoflow.ActNorm(2),
+                                                              memory_saving=v),
+    "Sequential debug": lambda v: autoflow.Sequential(autoflow.ActNorm(2), debug=v),
+    "Sequential preserve_rng_state": lambda v: autoflow.Sequential(
+        autoflow.ActNorm(2), preserve_rng_state=v),
+    "glow learned_prior": lambda v: autoflow.glow(1, levels=2, depth_per_level=1,
+                                                  hidden_channels=4, learned_prior=v),
+    "glow memory_saving": lambda v: autoflow.glow(1, levels=2, depth_per_level=1,
+                                                  hidden_channels=4, memory_saving=v),
+    "Split learned_prior": lambda v: autoflow.Split(4, learned_prior=v),
+    "Coupling additive": lambda v: autoflow.Coupling(make_conditioner(2, 2, 4), additive=v),
+    "InvConv1x1 volume_norm": lambda v: autoflow.InvConv1x1(CHANNELS, volume_norm=v),
+    "make_conditioner bias": lambda v: make_conditioner(2, 4, 8, bias=v),
+    "Flow.sample return_log_prob": lambda v: autoflow.Flow(
+        autoflow.ActNorm(2), (2, 1, 1)).sample(2, return_log_prob=v),
+}
+"""Every on/off option of the library, as a call taking the option's value."""
+
+
+@pytest.mark.parametrize("name", list(SWITCHES))
+@pytest.mark.parametrize("value", ["no", "False", 1, 0, None, torch.tensor(True)])
+def test_switches_are_strict_bools(name, value):
+    # "no" is truthy: read as a switch it would turn memory saving (or a prior) on.
+    owner, option = name.split(" ")
+    with pytest.raises(autoflow.SwitchError,
+                       match=rf"{owner} {option} must be a bool, received"):
+        SWITCHES[name](value)
+
+
+@pytest.mark.parametrize("name", list(SWITCHES))
+def test_switches_take_true_and_false(name):
+    for value in (True, False):
+        SWITCHES[name](value)
+
+
+def test_switch_error_is_a_type_error_and_an_autoflow_error():
+    assert issubclass(autoflow.SwitchError, TypeError)
+    assert issubclass(autoflow.SwitchError, AutoflowError)
