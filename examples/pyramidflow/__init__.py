@@ -10,7 +10,15 @@ or run ``python -m examples.pyramidflow demo`` (see :mod:`examples.pyramidflow.c
 """
 
 from .config import MVTEC_TEXTURES, PyramidFlowConfig, mvtec_defaults
-from .datasets import BTAD, AnomalyImageDataset, ImageFolder, MVTecAD, Sample
+from .datasets import (
+    BTAD,
+    AnomalyImageDataset,
+    EmptyMaskError,
+    ImageFolder,
+    MaskMatchError,
+    MVTecAD,
+    Sample,
+)
 from .detector import Detector, Prediction
 from .evaluate import evaluate_model, results_table, write_results
 from .metrics import aupro, image_auroc, pixel_auroc
@@ -23,6 +31,8 @@ __all__ = [
     "BTAD",
     "MVTEC_TEXTURES",
     "AnomalyImageDataset",
+    "EmptyMaskError",
+    "MaskMatchError",
     "Detector",
     "ImageFolder",
     "MVTecAD",

@@ -30,7 +30,6 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import re
 import shutil
 import sys
@@ -46,6 +45,7 @@ from .config import PRESETS, PyramidFlowConfig, mvtec_defaults
 from .datasets import BTAD, AnomalyImageDataset, ImageFolder, MVTecAD
 from .detector import Detector
 from .evaluate import collect_maps, metrics_from_maps, results_table, write_results
+from .files import write_text_atomically
 from .model import PyramidFlow
 from .synthetic import SyntheticDefects
 from .train import (
@@ -450,8 +450,8 @@ def _predict(args: argparse.Namespace) -> int:
     writer = csv.DictWriter(table, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    _write_text(out / "scores.csv", table.getvalue())
-    _write_text(out / "scores.json", json.dumps({
+    write_text_atomically(out / "scores.csv", table.getvalue())
+    write_text_atomically(out / "scores.json", json.dumps({
         "checkpoint": str(checkpoint),
         "thresholds": None if thresholds is None else dataclasses.asdict(thresholds),
         "resolution": [detector.config.image_size] * 2,
@@ -610,26 +610,12 @@ def _fit(config: PyramidFlowConfig, spec: dict[str, Any], folder: Path,
         raise
     logger.info("trained %s in %.1f s", folder.name, time.perf_counter() - started)
     detector.save(folder / _MODEL_FILE)
-    _write_text(folder / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-    _write_text(folder / "data.json", json.dumps(spec, indent=2) + "\n")
+    write_text_atomically(folder / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+    write_text_atomically(folder / "data.json", json.dumps(spec, indent=2) + "\n")
     template = _template(detector)
     if template is not None:
-        partial = folder / ".image_template.partial.png"
-        save_image(partial, template, min_side=128)
-        os.replace(partial, folder / "image_template.png")
+        save_image(folder / "image_template.png", template, min_side=128)
     return detector
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never half a file)."""
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(text)
-        os.replace(partial, path)
-    except OSError as error:
-        partial.unlink(missing_ok=True)
-        raise OSError(f"cannot write '{path}': {error.strerror or error}") from error
 
 
 def _template(detector: Detector) -> Any:

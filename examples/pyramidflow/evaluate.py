@@ -29,6 +29,7 @@ from torch.nn import functional
 from torch.utils.data import Dataset
 
 from .datasets import Sample
+from .files import write_text_atomically
 from .inference import batch_maps, image_batches
 from .metrics import aupro, image_auroc, pixel_auroc
 from .model import PyramidFlow
@@ -203,6 +204,6 @@ def write_results(results: Mapping[str, Mapping[str, Any]], folder: str | os.Pat
     folder.mkdir(parents=True, exist_ok=True)
     payload = {"categories": dict(results), "mean": mean_metrics(results), **(extra or {})}
     json_path, md_path = folder / "results.json", folder / "results.md"
-    json_path.write_text(json.dumps(payload, indent=2) + "\n")
-    md_path.write_text(results_table(results) + "\n")
+    write_text_atomically(json_path, json.dumps(payload, indent=2) + "\n")
+    write_text_atomically(md_path, results_table(results) + "\n")
     return json_path, md_path

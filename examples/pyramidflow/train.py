@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from .config import PyramidFlowConfig
+from .files import write_atomically
 from .inference import (
     ImageSource,
     anomaly_maps,
@@ -486,14 +487,10 @@ def save_checkpoint(
     if broken is not None:
         raise FloatingPointError(f"not writing checkpoint '{path}': its {broken} holds NaN or "
                                  "infinite values")
-    partial = path.with_name(path.name + ".partial")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, partial)
-        os.replace(partial, path)
-    except (OSError, RuntimeError) as error:  # torch reports a failed open as RuntimeError
-        partial.unlink(missing_ok=True)
-        raise OSError(f"cannot write checkpoint '{path}': {error}") from error
+        write_atomically(path, lambda partial: torch.save(state, partial))
+    except OSError as error:
+        raise OSError(f"cannot write checkpoint '{path}': {error.__cause__ or error}") from error
     return path
 
 

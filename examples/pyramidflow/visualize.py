@@ -15,6 +15,8 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from PIL import Image, ImageDraw
 
+from .files import write_atomically
+
 __all__ = ["colormap", "color_range", "heatmap_overlay", "panel", "save_image", "save_panel",
            "to_rgb8"]
 
@@ -139,29 +141,24 @@ def _row(tiles: Sequence[tuple[str, NDArray[np.uint8]]], min_side: int) -> Image
 
 def save_panel(path: str | os.PathLike[str], image: ArrayLike, anomaly_map: ArrayLike,
                **options: object) -> Path:
-    """Write :func:`panel` as a PNG (options as there), creating the folder.
+    """Write :func:`panel` as a PNG (options as there), creating the folder; atomic.
 
     Returns:
         The file's path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    panel(image, anomaly_map, **options).save(path)  # type: ignore[arg-type]
-    return path
+    drawn = panel(image, anomaly_map, **options)  # type: ignore[arg-type]
+    return write_atomically(path, lambda partial: drawn.save(partial, format="PNG"))
 
 
 def save_image(path: str | os.PathLike[str], image: ArrayLike, min_side: int = 0) -> Path:
-    """Write a ``(3, H, W)`` float image in ``[0, 1]`` as a PNG, enlarged to ``min_side``.
+    """Write a ``(3, H, W)`` image in ``[0, 1]`` as a PNG enlarged to ``min_side``; atomic.
 
     Returns:
         The file's path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     pixels = Image.fromarray(to_rgb8(image))
     scale = max(1, -(-min_side // pixels.height)) if min_side else 1
     if scale > 1:
         pixels = pixels.resize((pixels.width * scale, pixels.height * scale),
                                Image.Resampling.NEAREST)
-    pixels.save(path)
-    return path
+    return write_atomically(path, lambda partial: pixels.save(partial, format="PNG"))

@@ -447,3 +447,30 @@ def test_a_foreign_file_is_not_a_checkpoint(tmp_path, capsys):
     (tmp_path / "model.pt").write_bytes(b"\x00" * 10)
     error = one_line_error(capsys, main(["predict", str(tmp_path), str(tmp_path), "--quiet"]))
     assert "not a readable PyramidFlow checkpoint" in error
+
+
+@pytest.mark.parametrize("writer", ["results", "panel", "image"])
+def test_an_interrupted_result_write_keeps_the_previous_file(tmp_path, monkeypatch, writer):
+    from PIL import Image
+
+    from examples.pyramidflow import write_results
+    from examples.pyramidflow.visualize import save_image, save_panel
+
+    image, heat = np.zeros((3, 8, 8)), np.zeros((8, 8))
+    write = {
+        "results": lambda: write_results({"a": {"pixel_auroc": 0.5}}, tmp_path)[0],
+        "panel": lambda: save_panel(tmp_path / "panel.png", image, heat),
+        "image": lambda: save_image(tmp_path / "image.png", image),
+    }[writer]
+    path = write()
+    before = path.read_bytes()
+
+    def interrupted(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", interrupted)
+    monkeypatch.setattr(Path, "write_text", interrupted)
+    with pytest.raises(OSError, match=f"cannot write '{path}'"):
+        write()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))  == []
