@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .base import (
     InvertibleModule,
     Shape,
+    check_bool,
     check_dtype,
     check_image,
     check_image_shape,
@@ -86,12 +87,8 @@ class InvConv1x1(InvertibleModule):
     def __init__(self, channels: int, *, volume_norm: bool = False) -> None:
         super().__init__()
         self.channels = check_int(channels, "channels", "InvConv1x1")
-        if not isinstance(volume_norm, bool):
-            # A mode string such as "none" would otherwise read as True.
-            raise AutoflowError(
-                f"InvConv1x1 volume_norm must be a bool, received {volume_norm!r}"
-            )
-        self.volume_norm = volume_norm
+        # A mode string such as "none" would otherwise read as True.
+        self.volume_norm = check_bool(volume_norm, "volume_norm", "InvConv1x1")
         self.volume_preserving = self.volume_norm
         generator = _seeded_generator()
         q, _ = torch.linalg.qr(torch.randn(channels, channels, generator=generator))

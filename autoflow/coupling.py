@@ -35,6 +35,7 @@ from .base import (
     Reconstruction,
     Shape,
     State,
+    check_bool,
     check_image,
     check_image_shape,
     check_int,
@@ -98,8 +99,7 @@ def make_conditioner(
     if check_int(kernel_size, "kernel_size", "make_conditioner") % 2 == 0:
         # An even kernel cannot keep H and W with symmetric padding.
         raise AutoflowError(f"kernel_size must be odd, received {kernel_size}")
-    if not isinstance(bias, bool):
-        raise AutoflowError(f"make_conditioner bias must be a bool, received {bias!r}")
+    check_bool(bias, "bias", "make_conditioner")
     padding = kernel_size // 2
     last = nn.Conv2d(hidden_channels, out_channels, kernel_size, padding=padding, bias=bias)
     nn.init.zeros_(last.weight)
@@ -278,6 +278,7 @@ class Coupling(InvertibleModule):
             raise AutoflowError(
                 f"{name} conditioner must be an nn.Module, received {type(conditioner).__name__}"
             )
+        check_bool(additive, "additive", name)
         if additive and volume_norm is not None:
             raise AutoflowError(f"{name} is additive (s = 0): volume_norm has nothing to normalise")
         self.conditioner = conditioner

@@ -25,7 +25,15 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import InvertibleModule, Shape, State, check_int, flatten_state, require_bijective
+from .base import (
+    InvertibleModule,
+    Shape,
+    State,
+    check_bool,
+    check_int,
+    flatten_state,
+    require_bijective,
+)
 from .errors import AutoflowError, NotBijectiveError, ShapeError
 
 __all__ = ["Flow", "StandardNormal"]
@@ -238,6 +246,7 @@ class Flow(nn.Module):
             AutoflowError: If ``n`` is not a positive int or ``temperature`` is not positive.
         """
         check_int(n, "n", "Flow.sample")
+        check_bool(return_log_prob, "return_log_prob", "Flow.sample")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
             temperature > 0
         ):

@@ -16,7 +16,7 @@ it acts on ``h`` and carries the latents (see :mod:`autoflow.split`); the chain 
 from __future__ import annotations
 
 from .actnorm import ActNorm
-from .base import InvertibleModule, check_int
+from .base import InvertibleModule, check_bool, check_int
 from .conv1x1 import InvConv1x1
 from .coupling import AffineCoupling
 from .errors import AutoflowError
@@ -86,6 +86,8 @@ def glow(
     check_int(levels, "levels", "glow")
     check_int(depth_per_level, "depth_per_level", "glow")
     check_int(hidden_channels, "hidden_channels", "glow")
+    check_bool(learned_prior, "learned_prior", "glow")
+    check_bool(memory_saving, "memory_saving", "glow")
     if downsample not in _DOWNSAMPLE:
         raise AutoflowError(
             f"glow expected downsample to be 'squeeze', 'haar' or None, received {downsample!r}"

@@ -44,6 +44,7 @@ from .base import (
     Reconstruction,
     Shape,
     State,
+    check_bool,
     check_image,
     check_image_shape,
     check_int,
@@ -121,7 +122,7 @@ class Split(InvertibleModule):
         self.channels = channels
         self.latent_channels = channels // 2
         self.kept_channels = channels - self.latent_channels
-        self.learned_prior = bool(learned_prior)
+        self.learned_prior = check_bool(learned_prior, "learned_prior", "Split")
         if learned_prior:
             hidden = channels if hidden_channels is None else hidden_channels
             self.prior: _LatentPrior | None = _LatentPrior(
