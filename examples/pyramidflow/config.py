@@ -22,7 +22,7 @@ _CHOICES = {
     "order": ("even_first", "odd_first"),
     "loss": ("fourier", "fourier_channels", "spatial"),
     "template": ("mean", "zero"),
-    "score": ("difference", "standardized", "nearest"),
+    "score": ("difference", "standardized", "nearest", "local_nearest"),
     "localization": ("difference", "compose"),
 }
 
@@ -87,7 +87,12 @@ class PyramidFlowConfig:
             (``|z - z̄| / σ``, σ the per-level, per-channel standard deviation of the training
             latents, so every channel and level speaks in units of its normal spread) or
             ``"nearest"`` (the standardised distance to the nearest of 8192 training latent
-            vectors per level, from any position: several templates instead of their mean).
+            vectors per level, from any position: several templates instead of their mean) or
+            ``"local_nearest"`` (the standardised distance to the nearest latent vector of 32
+            banked training images within ``search_radius`` positions of the same place:
+            suits registered objects, whose parts move a little between images).
+        search_radius: Positions searched around each place, per level, for
+            ``score="local_nearest"``.
         localization: ``"difference"`` (eq. 10: per-level differences, then composition) or
             ``"compose"`` (compose first, then difference; ablation III).
         smoothing: Standard deviation in pixels of a Gaussian blur of the anomaly map (0: none,
@@ -129,6 +134,7 @@ class PyramidFlowConfig:
     template: str = "mean"
     score: str = "standardized"
     localization: str = "difference"
+    search_radius: int = 2
     smoothing: float = 0.0
     test_time_flips: bool = False
     memory_saving: bool = True
@@ -156,9 +162,9 @@ class PyramidFlowConfig:
                 raise ValueError(f"config.{name} must be a bool, received "
                                  f"{getattr(self, name)!r}")
         for name in ("channels", "levels", "depth", "kernel_size", "image_size", "epochs",
-                     "batch_size", "hidden_factor"):
+                     "batch_size", "hidden_factor", "search_radius"):
             value = getattr(self, name)
-            least = 0 if name == "epochs" else 1
+            least = 0 if name in ("epochs", "search_radius") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"config.{name} must be an int of at least {least}, "
                                  f"received {value!r}")

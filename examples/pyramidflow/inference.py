@@ -17,7 +17,7 @@ from torch.nn import functional
 from torch.utils.data import DataLoader, Dataset
 
 from .datasets import Sample
-from .model import BANK_SIZE, LatentStatistics, PyramidFlow
+from .model import BANK_IMAGES, BANK_SIZE, LatentStatistics, PyramidFlow
 
 __all__ = [
     "ImageSource",
@@ -205,6 +205,10 @@ def latent_statistics(model: PyramidFlow, data: ImageSource, *, batch_size: int 
     # to the bank, drawn from a generator seeded by the run's seed.
     per_image = -(-BANK_SIZE // max(len(dataset), 1))  # type: ignore[arg-type]
     generator = torch.Generator().manual_seed(model.config.seed)
+    # With score="local_nearest", the whole latents of BANK_IMAGES images evenly spaced
+    # through the set (not the first ones: folders are often sorted by capture).
+    banked = set(torch.linspace(0, len(dataset) - 1, BANK_IMAGES).round().long().tolist()
+                 if len(dataset) > BANK_IMAGES else range(len(dataset)))  # type: ignore[arg-type]
     try:
         size = model.config.image_size
         for batch in image_batches(dataset, size, batch_size, num_workers):
@@ -214,9 +218,12 @@ def latent_statistics(model: PyramidFlow, data: ImageSource, *, batch_size: int 
             sums = parts if sums is None else [s + p for s, p in zip(sums, parts)]
             square_sums = squares if square_sums is None else [
                 s + p for s, p in zip(square_sums, squares)]
-            count += len(batch["image"])
             if model.config.score == "nearest":
                 samples.append([_sample_vectors(z, per_image, generator) for z in latents])
+            elif model.config.score == "local_nearest":
+                keep = [i for i in range(len(batch["image"])) if count + i in banked]
+                samples.append([z[keep].float() for z in latents])
+            count += len(batch["image"])
     finally:
         model.train(was_training)
     if sums is None or square_sums is None:

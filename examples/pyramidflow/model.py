@@ -20,7 +20,8 @@ import autoflow
 from .config import PyramidFlowConfig
 from .resnet_stem import ResNet18Stem
 
-__all__ = ["BANK_SIZE", "LatentStatistics", "PyramidFlow", "gaussian_blur", "pyramid_couplings"]
+__all__ = ["BANK_IMAGES", "BANK_SIZE", "LatentStatistics", "PyramidFlow", "gaussian_blur",
+           "pyramid_couplings"]
 
 _IMAGE_STATISTICS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -31,6 +32,10 @@ _IMAGE_STATISTICS = {
 BANK_SIZE = 8192
 """Training latent vectors kept per level for ``score="nearest"``."""
 
+BANK_IMAGES = 32
+"""Training images, evenly spaced through the set, whose whole latent pyramids are kept for
+``score="local_nearest"``."""
+
 
 class LatentStatistics(NamedTuple):
     """Per-level sums of training latents and of their squares, over ``count`` images.
@@ -39,8 +44,10 @@ class LatentStatistics(NamedTuple):
         sums: Level ``d``: ``(C, H_d, W_d)`` sum of the latents (float64).
         square_sums: Level ``d``: ``(C, H_d, W_d)`` sum of the squared latents (float64).
         count: Number of images summed.
-        bank: Level ``d``: ``(K_d, C)`` latent vectors drawn from random positions of the
-            training images (for ``score="nearest"``), or None.
+        bank: Training latents kept for a nearest-neighbour score, or None. Level ``d``:
+            ``(K_d, C)`` vectors from random positions of the training images for
+            ``score="nearest"``; ``(N, C, H_d, W_d)`` latents of ``N`` whole training images
+            for ``score="local_nearest"``.
     """
 
     sums: tuple[Tensor, ...]
@@ -129,6 +136,30 @@ def _nearest_distance(z: Tensor, bank: Tensor, spread: Tensor, chunk: int = 8192
     found = torch.cat([torch.cdist(part, keys).min(dim=1).values
                        for part in queries.split(chunk)])
     return (found / math.sqrt(c)).view(b, h, w)[:, None]
+
+
+def _local_nearest_distance(z: Tensor, gallery: Tensor, spread: Tensor, radius: int) -> Tensor:
+    """``(B, 1, H, W)``: distance of every latent vector to the closest one nearby in training.
+
+    ``d(p) = min_{n, |δ|_∞ <= r} ‖(z(p) - g_n(p + δ)) / σ‖ / sqrt(C)`` over the ``N`` gallery
+    latents ``g_n`` ``(N, C, H, W)`` and the shifts ``δ`` within ``radius`` positions (the
+    gallery's border is repeated beyond the edge); ``σ`` is ``spread`` ``(1, C, 1, 1)``.
+    Registered objects vary a little in position between images, so each position is
+    compared with its neighbourhood in every training image rather than with one mean.
+    """
+    b, c, h, w = z.shape
+    queries = z / spread
+    keys = nn.functional.pad(gallery / spread, (radius,) * 4, mode="replicate")
+    query_norms = queries.square().sum(1, keepdim=True)  # (B, 1, H, W)
+    best = torch.full((b, h, w), math.inf, dtype=z.dtype, device=z.device)
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            shifted = keys[..., dy:dy + h, dx:dx + w]  # (N, C, H, W)
+            # ‖q - k‖² = ‖q‖² + ‖k‖² - 2 q·k: no (B, N, C, H, W) intermediate.
+            cross = torch.einsum("bchw,nchw->bnhw", queries, shifted)
+            squared = query_norms + shifted.square().sum(1)[None] - 2 * cross
+            best = torch.minimum(best, squared.amin(1))
+    return (best.clamp_min(0) / c).sqrt()[:, None]
 
 
 class PyramidFlow(nn.Module):
@@ -226,7 +257,9 @@ class PyramidFlow(nn.Module):
         With ``config.score == "standardized"`` each difference is divided by its level's and
         channel's spread first; with ``"nearest"`` a level's score is the distance of each
         latent vector to the nearest vector of the training bank (both divided by the spread,
-        Euclidean distance over ``sqrt(C)``), whatever position it came from. With
+        Euclidean distance over ``sqrt(C)``), whatever position it came from; with
+        ``"local_nearest"`` the same distance to the nearest latent vector of the banked
+        training images within ``config.search_radius`` positions of the same place. With
         ``config.smoothing > 0`` the map is blurred with a Gaussian of that many pixels at the
         end. With ``config.localization == "compose"``
         the latents and the template are composed first and differenced after (ablation III).
@@ -236,13 +269,8 @@ class PyramidFlow(nn.Module):
         template = tuple(t.to(z) for t, z in zip(self.template, latents))
         if self.config.localization == "compose":
             score = (self.compose(latents) - self.compose(template)).abs().mean(1, keepdim=True)
-        elif self.config.score == "nearest":
-            if self.bank is None:
-                raise RuntimeError("score='nearest' needs the training latents' bank: set the "
-                                   "template with config.score='nearest' (refit the model)")
-            score = self.compose(tuple(
-                _nearest_distance(z, b.to(z), s.to(z))
-                for z, b, s in zip(latents, self.bank, self.spread)))
+        elif self.config.score in ("nearest", "local_nearest"):
+            score = self.compose(tuple(self._nearest_scores(latents)))
         else:
             differences = [(z - t).abs() for z, t in zip(latents, template)]
             if self.config.score == "standardized":
@@ -254,6 +282,20 @@ class PyramidFlow(nn.Module):
         if self.config.smoothing > 0:
             score = gaussian_blur(score, self.config.smoothing)
         return score[:, 0]
+
+    def _nearest_scores(self, latents: tuple[Tensor, ...]) -> list[Tensor]:
+        """Per-level ``(B, 1, H_d, W_d)`` maps of the ``nearest`` or ``local_nearest`` score."""
+        local = self.config.score == "local_nearest"
+        if self.bank is None or self.spread is None or any(
+                (b.dim() == 4) != local for b in self.bank):
+            raise RuntimeError(f"score={self.config.score!r} needs a bank of training latents "
+                               f"of its kind: set the template with config.score="
+                               f"{self.config.score!r} (refit the model)")
+        if local:
+            return [_local_nearest_distance(z, b.to(z), s.to(z), self.config.search_radius)
+                    for z, b, s in zip(latents, self.bank, self.spread)]
+        return [_nearest_distance(z, b.to(z), s.to(z))
+                for z, b, s in zip(latents, self.bank, self.spread)]
 
     @torch.no_grad()
     def image_template(self) -> Tensor:

@@ -7,7 +7,11 @@ import torch
 
 from examples.pyramidflow import PyramidFlow, PyramidFlowConfig
 from examples.pyramidflow.inference import batch_maps, latent_statistics
-from examples.pyramidflow.model import _nearest_distance, gaussian_blur
+from examples.pyramidflow.model import (
+    _local_nearest_distance,
+    _nearest_distance,
+    gaussian_blur,
+)
 
 __all__: list[str] = []
 
@@ -73,5 +77,45 @@ def test_nearest_score_without_a_bank_is_a_clear_error():
     model = _fitted()
     model.config.score = "nearest"
     model.bank = None
-    with pytest.raises(RuntimeError, match="score='nearest' needs the training latents' bank"):
+    with pytest.raises(RuntimeError, match="score='nearest' needs a bank of training latents"):
+        batch_maps(model, torch.rand(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("radius", [0, 1])
+def test_local_nearest_score_is_the_distance_to_the_closest_nearby_training_vector(radius):
+    model = _fitted(score="local_nearest", search_radius=radius)
+    assert model.bank is not None and model.bank[0].shape == (6, 4, 16, 16)  # 6 images kept
+    level = 1
+    z = model(torch.rand(1, 3, 16, 16))[level]
+    gallery, spread = model.bank[level] / model.spread[level], model.spread[level]
+    size = z.shape[-1]
+    brute = torch.empty(size, size)
+    for y in range(size):
+        for x in range(size):
+            ys = [min(max(y + d, 0), size - 1) for d in range(-radius, radius + 1)]
+            xs = [min(max(x + d, 0), size - 1) for d in range(-radius, radius + 1)]
+            near = gallery[:, :, ys][..., xs].permute(0, 2, 3, 1).reshape(-1, 4)
+            brute[y, x] = ((z[0, :, y, x] / spread.view(-1)) - near).norm(dim=1).min() / 2.0
+    found = _local_nearest_distance(z, model.bank[level], spread, radius)[0, 0]
+    assert torch.allclose(found, brute, atol=1e-4)
+    # A banked training image scores zero everywhere.
+    own = _local_nearest_distance(model.bank[level][2:3], model.bank[level], spread, radius)
+    assert own.abs().max() < 1e-3
+
+
+def test_local_nearest_banks_images_evenly_spaced_through_a_large_set(monkeypatch):
+    import examples.pyramidflow.inference as inference
+
+    monkeypatch.setattr(inference, "BANK_IMAGES", 3)
+    model = PyramidFlow(PyramidFlowConfig(**SMALL, score="local_nearest")).eval()
+    images = torch.rand(7, 3, 16, 16)
+    stats = latent_statistics(model, images, batch_size=2)
+    expected = torch.cat([model(images[[0, 3, 6]])[0]])
+    assert torch.allclose(stats.bank[0], expected, atol=1e-5)
+
+
+def test_a_bank_of_the_other_kind_is_a_clear_error():
+    model = _fitted(score="nearest")
+    model.config.score = "local_nearest"
+    with pytest.raises(RuntimeError, match="score='local_nearest' needs a bank of training"):
         batch_maps(model, torch.rand(1, 3, 16, 16))
