@@ -5,7 +5,7 @@ from .base import InvertibleModule, Reconstruction, State, require_bijective
 from .conv1x1 import InvConv1x1, LiftingConv1x1
 from .coupling import AdditiveCoupling, AffineCoupling, Coupling
 from .errors import AutoflowError, EngineError, NotBijectiveError, ShapeError, SwitchError
-from .flow import Flow, StandardNormal
+from .flow import DistributionBase, Flow, StandardNormal
 from .glow import glow
 from .on_first import OnFirst
 from .permute import Permute
@@ -24,6 +24,7 @@ __all__ = [
     "AffineCoupling",
     "AutoflowError",
     "Coupling",
+    "DistributionBase",
     "DualPyramidCoupling",
     "EngineError",
     "Flow",

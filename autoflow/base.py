@@ -20,6 +20,7 @@ __all__ = [
     "pack_like",
     "state_shape",
     "require_bijective",
+    "check_logdet",
     "sum_logdets",
 ]
 
@@ -242,6 +243,35 @@ def check_int(value: object, name: str, owner: str, *, minimum: int = 1, why: st
             f"{owner} {name} must be an int >= {minimum}{why}, received {value!r}"
         )
     return value
+
+
+def check_logdet(logdet: object, batch: int, where: str) -> None:
+    """Check that a module's log-det is ``None`` or a tensor of shape ``(batch,)``.
+
+    A ``(B, 1)`` log-det added to a ``(B,)`` one broadcasts to ``(B, B)``, and a scalar one
+    adds the same number to every sample: both give wrong likelihoods without any error, so
+    containers check every member's log-det as it is returned.
+
+    Args:
+        logdet: What the module returned as its log-det.
+        batch: The batch size ``B`` of the state the module received.
+        where: The module, as the message should name it (``"module '3' (MyCoupling)"``).
+
+    Raises:
+        ShapeError: ``"<where> returned a log-det of shape <shape>; ... shape (<batch>,)"``.
+    """
+    if logdet is None:
+        return
+    if not isinstance(logdet, Tensor):
+        raise ShapeError(
+            f"{where} returned a log-det of type {type(logdet).__name__}; the contract asks "
+            f"for a tensor of shape ({batch},), one value per sample, or None"
+        )
+    if tuple(logdet.shape) != (batch,):
+        raise ShapeError(
+            f"{where} returned a log-det of shape {tuple(logdet.shape)}; the contract asks for "
+            f"shape ({batch},), one value per sample (sum over every non-batch dimension)"
+        )
 
 
 def check_bool(value: object, name: str, owner: str) -> bool:

@@ -58,6 +58,7 @@ from .base import (
     InvertibleModule,
     Reconstruction,
     State,
+    check_logdet,
     flatten_state,
     pack_like,
     recompute,
@@ -150,8 +151,12 @@ def run_memory_saving(
     return pack_like(outputs, plan.output_like), (logdet if plan.has_logdet else None)
 
 
-def _step(block: InvertibleModule, state: State, inverse: bool) -> tuple[State, Tensor | None]:
-    return block.inverse(state) if inverse else block(state)
+def _step(name: str, block: InvertibleModule, state: State,
+          inverse: bool) -> tuple[State, Tensor | None]:
+    batch = flatten_state(state)[0].shape[0]
+    state, logdet = block.inverse(state) if inverse else block(state)
+    check_logdet(logdet, batch, f"module '{name}' ({type(block).__name__})")
+    return state, logdet
 
 
 def run_plain(
@@ -161,17 +166,22 @@ def run_plain(
     """Apply ``(name, module)`` pairs with ordinary autograd, summing their log-dets."""
     logdets = []
     for name, block in blocks:
-        x, logdet = _step(block, x, inverse)
+        x, logdet = _step(name, block, x, inverse)
         if debug:
-            _check_finite(name, x)
+            _check_finite(name, block, x, logdet)
         logdets.append(logdet)
     return x, sum_logdets(logdets)
 
 
-def _check_finite(name: str, state: State) -> None:
-    for t in flatten_state(state):
-        if not torch.isfinite(t).all():
-            raise EngineError(f"module '{name}' produced NaN or inf (debug check)")
+def _check_finite(name: str, block: nn.Module, state: State, logdet: Tensor | None) -> None:
+    for what, tensors in (("output", flatten_state(state)),
+                          ("log-det", [] if logdet is None else [logdet])):
+        for t in tensors:
+            if not torch.isfinite(t).all():
+                raise EngineError(
+                    f"module '{name}' ({type(block).__name__}) produced NaN or inf in its "
+                    f"{what} (debug check)"
+                )
 
 
 class _GradTensorRecorder(TorchFunctionMode):
@@ -270,7 +280,7 @@ class _Plan:
                 before = [b._version for b in buffers]
                 recorder.found = {}
                 with recorder:
-                    state, logdet = _step(block, state, self.inverse)
+                    state, logdet = _step(name, block, state, self.inverse)
                 found = list(recorder.found.values())
                 ids = []
                 for t in found:
@@ -286,7 +296,7 @@ class _Plan:
                             if b._version == v]
                 self.watched.append(watched)
                 if self.options.debug:
-                    _check_finite(name, state)
+                    _check_finite(name, block, state, logdet)
                 logdets.append(logdet)
         total = sum_logdets(logdets)
         self.output_like = structure_of(state)

@@ -31,12 +31,13 @@ from .base import (
     State,
     check_bool,
     check_int,
+    check_logdet,
     flatten_state,
     require_bijective,
 )
 from .errors import AutoflowError, NotBijectiveError, ShapeError
 
-__all__ = ["Flow", "StandardNormal"]
+__all__ = ["DistributionBase", "Flow", "StandardNormal"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -88,6 +89,103 @@ class StandardNormal(nn.Module):
         return draw(shape)  # type: ignore[arg-type]
 
 
+class DistributionBase(nn.Module):
+    """A ``torch.distributions.Distribution`` as the base density of a :class:`Flow`.
+
+    The distribution's ``batch_shape + event_shape`` must be ``()`` (the same density for every
+    latent element, e.g. ``Normal(0.0, 1.0)``) or end each latent tensor's shape (e.g.
+    ``Normal(torch.zeros(C, H, W), 1.0)`` for ``(C, H, W)`` latents,
+    ``Independent(Normal(torch.zeros(D), 1.0), 1)`` for ``(D,)`` latents); the leading latent
+    dimensions it does not cover are drawn independently. ``log_prob`` sums the
+    distribution's log-density over every non-batch dimension, so it is ``(B,)`` whatever the
+    event dimensions are. :class:`Flow` wraps a distribution in this class itself.
+
+    The distribution is not a module: its parameters stay on their device and dtype. Samples
+    are moved to the flow's, and latents to the distribution's for ``log_prob``.
+
+    Args:
+        distribution: The distribution.
+        latent_shape: The flow's latent shape (a shape or a tuple of shapes, without batch).
+
+    Raises:
+        ShapeError: If the distribution's shape does not end every latent tensor's shape.
+
+    Example:
+        >>> import torch, autoflow
+        >>> base = autoflow.DistributionBase(torch.distributions.Normal(0.0, 1.0), (2, 3))
+        >>> z = base.sample((2, 3), 4)
+        >>> tuple(z.shape), tuple(base.log_prob(z).shape)
+        ((4, 2, 3), (4,))
+    """
+
+    def __init__(self, distribution: torch.distributions.Distribution, latent_shape: Shape
+                 ) -> None:
+        super().__init__()
+        self.distribution = distribution
+        self.covered = tuple(distribution.batch_shape + distribution.event_shape)
+        shapes = (list(latent_shape) if latent_shape and isinstance(latent_shape[0], tuple)
+                  else [latent_shape])
+        k = len(self.covered)
+        for s in shapes:
+            if k > len(s) or tuple(s[len(s) - k:]) != self.covered:
+                raise ShapeError(
+                    f"Flow base {type(distribution).__name__} has batch_shape + event_shape "
+                    f"{self.covered}, which does not end the latent shape {tuple(s)} (of "
+                    f"{latent_shape}); use a distribution of shape () for the same density on "
+                    "every latent element, or one whose shape ends every latent tensor's"
+                )
+        self.device = distribution.sample(()).device
+
+    def extra_repr(self) -> str:
+        return repr(self.distribution)
+
+    def log_prob(self, z: State) -> Tensor:
+        """The distribution's log-density summed over every non-batch dimension, ``(B,)``."""
+        total = None
+        for t in flatten_state(z):
+            term = self.distribution.log_prob(t.to(self.device)).to(t.device)
+            term = term.reshape(t.shape[0], -1).sum(1)
+            total = term if total is None else total + term
+        return total
+
+    def sample(
+        self,
+        shape: Shape,
+        n: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> State:
+        """Draw ``n`` states of ``shape``; ``temperature`` must be 1 and ``generator`` None.
+
+        Raises:
+            AutoflowError: For another temperature or a generator: a torch distribution
+                takes neither (scale or seed it yourself, with ``torch.manual_seed``).
+        """
+        name = type(self.distribution).__name__
+        if temperature != 1.0:
+            raise AutoflowError(
+                f"Flow base {name} (a torch distribution) has no temperature; received "
+                f"temperature={temperature!r}, expected 1.0"
+            )
+        if generator is not None:
+            raise AutoflowError(
+                f"Flow base {name} (a torch distribution) cannot draw from a generator; "
+                "received one, expected generator=None (seed with torch.manual_seed)"
+            )
+        k = len(self.covered)
+
+        def draw(s: tuple[int, ...]) -> Tensor:
+            t = self.distribution.sample((n, *s[: len(s) - k]))
+            return t.to(dtype=dtype, device=device)
+
+        if shape and isinstance(shape[0], tuple):
+            return tuple(draw(s) for s in shape)
+        return draw(shape)  # type: ignore[arg-type]
+
+
 class Flow(nn.Module):
     """A normalizing flow: ``log p(x) = log p_Z(f(x)) + log|det df/dx|``.
 
@@ -98,16 +196,18 @@ class Flow(nn.Module):
         transform: The bijection ``f`` from data to latents; use
             ``Sequential(..., memory_saving=True)`` to train it with the memory-saving engine.
         shape: The shape of one data sample without the batch dimension, e.g. ``(C, H, W)``.
-        base: The latent density, an object with ``log_prob(z) -> (B,)`` and
-            ``sample(latent_shape, n, *, dtype, device, temperature, generator)``; a standard
-            normal over all latents by default.
+        base: The latent density: an object with ``log_prob(z) -> (B,)`` and
+            ``sample(latent_shape, n, *, dtype, device, temperature, generator)``, or a
+            ``torch.distributions.Distribution`` (wrapped in :class:`DistributionBase`);
+            a standard normal over all latents by default.
 
     Raises:
         NotBijectiveError: If ``transform`` or any part of it is not a bijection (e.g. a
             :class:`~autoflow.LaplacianPyramid`): its log-det would not be a change of variables.
         AutoflowError: If ``transform`` is not an :class:`~autoflow.InvertibleModule`, ``shape``
             is not a tuple of positive ints, or ``base`` lacks ``log_prob``/``sample``.
-        ShapeError: If ``transform`` cannot take inputs of ``shape``.
+        ShapeError: If ``transform`` cannot take inputs of ``shape``, or a distribution
+            ``base`` does not fit the latent shape.
 
     Example:
         >>> import math
@@ -122,7 +222,7 @@ class Flow(nn.Module):
     """
 
     def __init__(self, transform: InvertibleModule, shape: tuple[int, ...], *,
-                 base: nn.Module | None = None) -> None:
+                 base: nn.Module | torch.distributions.Distribution | None = None) -> None:
         super().__init__()
         if not isinstance(transform, InvertibleModule):
             raise AutoflowError(
@@ -139,8 +239,13 @@ class Flow(nn.Module):
                 f"Flow expected shape to be a tuple of positive ints (one sample's shape without "
                 f"the batch dimension), received {shape!r}"
             )
+        self.latent_shape = transform.output_shape(shape)
         if base is None:
             base = StandardNormal()
+        elif isinstance(base, torch.distributions.Distribution):
+            # Its log_prob is per element (or per event), and its sample takes no latent
+            # shape: the adapter sums to (B,) and draws the latent shape.
+            base = DistributionBase(base, self.latent_shape)
         missing = [name for name in ("log_prob", "sample")
                    if not callable(getattr(base, name, None))]
         if missing:
@@ -151,7 +256,6 @@ class Flow(nn.Module):
         self.transform = transform
         self.base = base
         self.shape = shape
-        self.latent_shape = transform.output_shape(shape)
         self.dims = math.prod(shape)
 
     def extra_repr(self) -> str:
@@ -187,7 +291,18 @@ class Flow(nn.Module):
             raise NotBijectiveError(
                 f"{type(self.transform).__name__} reported no log-det; a log-likelihood needs one"
             )
-        return self.base.log_prob(z) + logdet
+        check_logdet(logdet, x.shape[0], f"Flow transform {type(self.transform).__name__}")
+        return self._base_log_prob(z, x.shape[0]) + logdet
+
+    def _base_log_prob(self, z: State, batch: int) -> Tensor:
+        log_p = self.base.log_prob(z)
+        if not isinstance(log_p, Tensor) or tuple(log_p.shape) != (batch,):
+            got = tuple(log_p.shape) if isinstance(log_p, Tensor) else type(log_p).__name__
+            raise ShapeError(
+                f"Flow base {type(self.base).__name__}.log_prob returned {got}; expected one "
+                f"log-density per sample, shape ({batch},) (sum over every non-batch dimension)"
+            )
+        return log_p
 
     def nll(self, x: Tensor) -> Tensor:
         """Negative log-likelihood of each sample in nats, shape ``(B,)``; ``.mean()`` is a loss."""
@@ -222,30 +337,35 @@ class Flow(nn.Module):
 
     def sample(
         self,
-        n: int,
+        sample_shape: int | tuple[int, ...],
         *,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
         return_log_prob: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """Draw ``n`` samples ``x = f^{-1}(z)``, ``z`` from the base.
+        """Draw samples ``x = f^{-1}(z)``, ``z`` from the base.
 
         Runs with the current grad mode; wrap in ``torch.no_grad()`` when only sampling.
 
         Args:
-            n: Number of samples.
+            sample_shape: Number of samples ``n``, or a sample shape (a tuple of ints, as in
+                ``torch.distributions``): ``(a, b)`` draws ``a * b`` samples shaped
+                ``(a, b, *shape)``, ``()`` one sample shaped ``shape``.
             temperature: Scales the base's standard deviation (``1.0``: the model itself).
             generator: Random generator for the latents.
             return_log_prob: Also return ``log p(x) = log p_Z(z) - log|det df^{-1}/dz|`` under
                 the model (not the tempered base), from the same pass.
 
         Returns:
-            Samples of shape ``(n, *shape)``, and their log-densities ``(n,)`` if asked.
+            Samples of shape ``(*sample_shape, *shape)``, and their log-densities
+            ``sample_shape`` if asked.
 
         Raises:
-            AutoflowError: If ``n`` is not a positive int or ``temperature`` is not positive.
+            AutoflowError: If ``sample_shape`` is not a positive int or a tuple of them, or
+                ``temperature`` is not positive.
         """
-        check_int(n, "n", "Flow.sample")
+        batch_shape = self._sample_shape(sample_shape)
+        n = math.prod(batch_shape)
         check_bool(return_log_prob, "return_log_prob", "Flow.sample")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
             temperature > 0
@@ -257,6 +377,20 @@ class Flow(nn.Module):
         z = self.base.sample(self.latent_shape, n, dtype=dtype, device=device,
                              temperature=float(temperature), generator=generator)
         x, logdet_inv = self.transform.inverse(z)
+        check_logdet(logdet_inv, n, f"Flow transform {type(self.transform).__name__} (inverse)")
+        x = x.reshape(*batch_shape, *self.shape)
         if not return_log_prob:
             return x
-        return x, self.base.log_prob(z) - logdet_inv
+        return x, (self._base_log_prob(z, n) - logdet_inv).reshape(batch_shape)
+
+    @staticmethod
+    def _sample_shape(sample_shape: object) -> tuple[int, ...]:
+        if isinstance(sample_shape, torch.Size):
+            sample_shape = tuple(sample_shape)
+        if isinstance(sample_shape, tuple):
+            for size in sample_shape:
+                check_int(size, "sample_shape entry", "Flow.sample",
+                          why=f" (in sample_shape {sample_shape!r})")
+            return sample_shape
+        return (check_int(sample_shape, "n", "Flow.sample",
+                          why=" (or a tuple of them, a sample shape)"),)

@@ -66,6 +66,30 @@ def _check_finite(inputs: State) -> None:
             )
 
 
+def _require_finite(check: str, module: nn.Module, what: str, state: State | None) -> None:
+    # Comparisons with NaN are False, so a NaN output could otherwise pass a tolerance test.
+    if state is None:
+        return
+    for i, t in enumerate(flatten_state(state)):
+        if not torch.isfinite(t).all():
+            which = "" if isinstance(state, Tensor) else f" (tensor {i})"
+            raise AssertionError(
+                f"{check}: {type(module).__name__}'s {what}{which} contains NaN or inf"
+            )
+
+
+def _require_logdet_shape(check: str, module: nn.Module, what: str, logdet: object,
+                          batch: int) -> None:
+    if logdet is None:
+        return
+    got = tuple(logdet.shape) if isinstance(logdet, Tensor) else type(logdet).__name__
+    if not isinstance(logdet, Tensor) or logdet.shape != (batch,):
+        raise AssertionError(
+            f"{check}: {type(module).__name__}'s {what} must have shape ({batch},), one value "
+            f"per sample, got {got}"
+        )
+
+
 def assert_invertible(
     module: InvertibleModule, inputs: State, *, rtol: float | None = None
 ) -> None:
@@ -74,7 +98,7 @@ def assert_invertible(
     Checks, in order: the output shape matches ``module.output_shape``; ``inverse`` restores the
     input within ``rtol`` (relative to the largest input value); the log-det has shape ``(B,)``;
     for a module with a log-det, ``logdet_inv == -logdet``; ``module.input_shape`` maps the output
-    shape back.
+    shape back. Outputs and log-dets of both directions must be finite.
 
     Args:
         module: The module under test, in the mode (train/eval) to be checked.
@@ -96,6 +120,10 @@ def assert_invertible(
     batch = first.shape[0]
     with torch.no_grad():
         outputs, logdet = module(inputs)
+        check = "assert_invertible"
+        _require_finite(check, module, "forward output", outputs)
+        _require_logdet_shape(check, module, "logdet", logdet, batch)
+        _require_finite(check, module, "logdet", logdet)
         expected_shape = module.output_shape(state_shape(inputs))
         if state_shape(outputs) != expected_shape:
             raise AssertionError(
@@ -108,6 +136,9 @@ def assert_invertible(
                 f"{module.input_shape(expected_shape)}, expected {state_shape(inputs)}"
             )
         restored, logdet_inv = module.inverse(outputs)
+        _require_finite(check, module, "inverse output", restored)
+        _require_logdet_shape(check, module, "logdet_inv", logdet_inv, batch)
+        _require_finite(check, module, "logdet_inv", logdet_inv)
     error = relative_error(restored, inputs)
     if not error <= tol:
         raise AssertionError(
@@ -122,12 +153,6 @@ def assert_invertible(
         if module.bijective:
             raise AssertionError(f"{type(module).__name__} is bijective but returned no log-det")
         return
-    for name, value in (("logdet", logdet), ("logdet_inv", logdet_inv)):
-        if value.shape != (batch,):
-            raise AssertionError(
-                f"{type(module).__name__}: {name} must have shape ({batch},), "
-                f"got {tuple(value.shape)}"
-            )
     scale = max(logdet.abs().max().item(), 1.0)
     gap = (logdet + logdet_inv).abs().max().item() / scale
     if not gap <= tol:
@@ -177,8 +202,12 @@ def assert_logdet_matches_jacobian(
         _, logdet = module64(pack_like(x, inputs))
     if logdet is None:
         raise AssertionError(f"{type(module).__name__} returned no log-det to check")
+    check = "assert_logdet_matches_jacobian"
+    _require_logdet_shape(check, module, "logdet", logdet, x[0].shape[0])
+    _require_finite(check, module, "logdet", logdet)
     for b in range(x[0].shape[0]):
         jacobian = _sample_jacobian(module64, x, inputs, b)
+        _require_finite(check, module, f"Jacobian for sample {b}", jacobian)
         if jacobian.shape[0] == jacobian.shape[1]:
             expected = torch.linalg.slogdet(jacobian).logabsdet
         else:
@@ -255,9 +284,19 @@ def assert_engine_gradients_match(
         saving.memory_saving = True
     else:
         saving = Sequential(copy.deepcopy(module), memory_saving=True)
-    (out_a, ld_a, grads_a), (out_b, ld_b, grads_b) = (
-        _gradients(m, inputs, inverse, seed) for m in (plain, saving)
-    )
+    check = "assert_engine_gradients_match"
+    batch = first.shape[0]
+    runs = []
+    # Plain autograd first: a broken module is reported by this check, not by the engine.
+    for run, model in (("plain autograd", plain), ("the engine", saving)):
+        out, ld, grads = _gradients(model, inputs, inverse, seed)
+        _require_finite(check, module, f"output under {run}", out)
+        _require_logdet_shape(check, module, f"log-det under {run}", ld, batch)
+        _require_finite(check, module, f"log-det under {run}", ld)
+        for i, g in enumerate(grads):
+            _require_finite(check, module, f"gradient {i} under {run}", g)
+        runs.append((out, ld, grads))
+    (out_a, ld_a, grads_a), (out_b, ld_b, grads_b) = runs
     _compare("output", out_b, out_a, tol)
     if (ld_a is None) != (ld_b is None):
         raise AssertionError("the engine and autograd disagree on having a log-det")
