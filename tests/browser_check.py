@@ -191,6 +191,9 @@ def check_site(root: Path, pages: list[str], browser: str,
 
 
 def site_pages(root: Path) -> list[str]:
+    """The pages of a built site, relative to ``root``: all but Sphinx's own folders
+    (``_static``, ``_sources``, ``_images``, ``_downloads``) and the highlighted module sources
+    under ``_modules``, which show the library's code at its own 100-character limit."""
     return sorted(str(p.relative_to(root)) for p in root.rglob("*.html")
                   if not p.relative_to(root).parts[0].startswith("_"))
 
