@@ -132,9 +132,9 @@ class PyramidFlowConfig:
     image_size: int = 256
     loss: str = "fourier"
     template: str = "mean"
-    score: str = "standardized"
+    score: str = "local_nearest"
     localization: str = "difference"
-    search_radius: int = 2
+    search_radius: int = 1
     smoothing: float = 0.0
     test_time_flips: bool = False
     memory_saving: bool = True
