@@ -325,7 +325,6 @@ def _docstrings(path: Path) -> list[tuple[int, str]]:
 #: its section keeps to 88 characters.
 PENDING = {
     "docs/reproducing.rst": "",
-    "docs/tutorials/pyramidflow_datasets.rst": "The command line trains on the folder",
 }
 
 
