@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -21,6 +22,8 @@ __all__ = [
     "state_shape",
     "require_bijective",
     "check_logdet",
+    "accepts_context",
+    "call_with_context",
     "sum_logdets",
 ]
 
@@ -48,6 +51,32 @@ def sum_logdets(logdets: Sequence[Tensor | None]) -> Tensor | None:
     for term in logdets[1:]:
         total = total + term
     return total
+
+
+def accepts_context(function: Callable) -> bool:
+    """Whether ``function`` takes a ``context`` keyword (by name, or through ``**kwargs``).
+
+    This is how containers tell a conditional module from an unconditional one: a module
+    writer adds ``context=None`` to ``forward`` and ``inverse`` and declares nothing else.
+    """
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature takes no context
+        return False
+    return any(p.name == "context" and p.kind is not p.POSITIONAL_ONLY
+               or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+def call_with_context(function: Callable[..., tuple[State, Tensor | None]], state: State,
+                      context: object = None) -> tuple[State, Tensor | None]:
+    """``function(state, context=context)``, or ``function(state)`` when ``context`` is None.
+
+    Unconditional modules (whose ``forward`` has no ``context`` parameter) are called exactly
+    as before conditioning existed.
+    """
+    if context is None:
+        return function(state)
+    return function(state, context=context)
 
 
 def structure_of(state: State) -> State:
@@ -111,6 +140,19 @@ class InvertibleModule(nn.Module):
     **Engine hook.** :meth:`reconstruct` lets the memory-saving engine rebuild the input and the
     local graph from an output. The default inverts without a graph and runs ``forward`` again;
     couplings override it to evaluate their conditioner only once.
+
+    **Context.** A conditional module takes a keyword ``context`` (a tensor with the batch
+    dimension, e.g. a ``(B, K)`` one-hot class or a ``(B, K, H, W)`` image) in ``forward``
+    and ``inverse``, and in ``reconstruct`` if it overrides it::
+
+        y, logdet = module(x, context=c)
+        x, logdet_inv = module.inverse(y, context=c)
+
+    The map is a bijection of ``x`` for each fixed ``c``; the log-det is that of ``x -> y``.
+    A keyword with default ``None``, rather than a state ``(x, c)`` or a separate class, keeps
+    unconditional code unchanged: containers pass ``context`` only to members that take one
+    (:attr:`conditional`), and the memory-saving engine passes it to forward and
+    reconstruction alike, so the context gets its gradient (see :doc:`/concepts/conditioning`).
     """
 
     bijective: bool = True
@@ -122,6 +164,11 @@ class InvertibleModule(nn.Module):
     def inverse(self, y: State) -> tuple[State, Tensor | None]:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} does not implement inverse")
 
+    @property
+    def conditional(self) -> bool:
+        """Whether the module takes a context: by default, whether ``forward`` has one."""
+        return accepts_context(self.forward)
+
     def output_shape(self, input_shape: Shape) -> Shape:
         """Output shape (without batch) for ``input_shape``; identity unless overridden."""
         return input_shape
@@ -130,20 +177,21 @@ class InvertibleModule(nn.Module):
         """Input shape (without batch) giving ``output_shape``; identity unless overridden."""
         return output_shape
 
-    def reconstruct(self, y: State) -> Reconstruction:
+    def reconstruct(self, y: State, *, context: Tensor | None = None) -> Reconstruction:
         """Rebuild the input of ``forward`` from its output ``y`` and the local graph.
 
-        Called by the memory-saving engine with grad enabled; ``y`` carries no graph.
+        Called by the memory-saving engine with grad enabled; ``y`` carries no graph;
+        ``context`` is the one the forward pass received (``None`` if none).
         """
         with torch.no_grad(), same_randomness(y):
-            x, _ = self.inverse(y)
-        return recompute(self.forward, x)
+            x, _ = call_with_context(self.inverse, y, context)
+        return recompute(lambda s: call_with_context(self.forward, s, context), x)
 
-    def reconstruct_inverse(self, x: State) -> Reconstruction:
+    def reconstruct_inverse(self, x: State, *, context: Tensor | None = None) -> Reconstruction:
         """Rebuild the input of ``inverse`` from its output ``x`` and the local graph."""
         with torch.no_grad(), same_randomness(x):
-            y, _ = self.forward(x)
-        return recompute(self.inverse, y)
+            y, _ = call_with_context(self.forward, x, context)
+        return recompute(lambda s: call_with_context(self.inverse, s, context), y)
 
 
 def same_randomness(state: State) -> contextlib.AbstractContextManager:

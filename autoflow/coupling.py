@@ -28,6 +28,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import (
@@ -36,6 +37,7 @@ from .base import (
     Shape,
     State,
     check_bool,
+    check_floating,
     check_image,
     check_image_shape,
     check_int,
@@ -232,6 +234,20 @@ class Coupling(InvertibleModule):
 
     and overrides the engine hooks so the conditioner runs exactly once per reconstruction.
 
+    **Context.** With ``context_channels = K > 0`` the coupling is conditional: ``forward``,
+    ``inverse`` and the engine hooks take ``context=c`` and the conditioner sees the context
+    concatenated to its input along channels::
+
+        s, t = conditioner(cat([_conditioner_input(kept), fit(c)], dim=1))
+
+    where ``fit`` leaves a ``(B, K)`` context as it is for a ``(B, D)`` input, and for a
+    ``(B, C, H, W)`` input broadcasts a ``(B, K)`` context to ``(B, K, H, W)`` or resizes a
+    ``(B, K, h, w)`` one to ``(H, W)`` (bilinear, antialiased). The map of the target stays
+    the same affine map, so the inverse and the log-det ``sum(s)`` do not change: for each
+    fixed ``c`` the coupling is a bijection. An embedding of the context (a class embedding,
+    a CNN over an image) belongs in the user's model, before the flow: the engine gives its
+    output, and so the embedding's weights, their gradient.
+
     Args:
         conditioner: Network mapping the conditioning input to ``2 * C_target`` channels
             (``s`` then ``t``), or ``C_target`` channels (``t``) when ``additive``.
@@ -242,10 +258,13 @@ class Coupling(InvertibleModule):
             is not.
         mixer: Optional invertible module applied to the transformed target afterwards.
         clamp_kind: Soft-clamp function, ``"tanh"`` or ``"atan"`` (see :func:`soft_clamp`).
+        context_channels: Channels ``K`` of the context (``0``: unconditional); the
+            conditioner then takes ``K`` more input channels.
 
     Raises:
         AutoflowError: If ``clamp`` is not a positive finite number, ``clamp_kind`` or
-            ``volume_norm`` is invalid, or ``additive`` is combined with ``volume_norm``.
+            ``volume_norm`` is invalid, ``additive`` is combined with ``volume_norm``, or
+            ``context_channels`` is not an int ``>= 0``.
 
     Example:
         The engine hook rebuilds the input from the output, one leaf per part:
@@ -267,6 +286,7 @@ class Coupling(InvertibleModule):
         additive: bool = False,
         mixer: InvertibleModule | None = None,
         clamp_kind: str = "tanh",
+        context_channels: int = 0,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -287,6 +307,13 @@ class Coupling(InvertibleModule):
         self.additive = additive
         self.mixer = mixer
         self.clamp_kind = clamp_kind
+        self.context_channels = check_int(context_channels, "context_channels", name,
+                                          minimum=0)
+
+    @property
+    def conditional(self) -> bool:  # type: ignore[override]
+        """Whether the coupling takes a context (``context_channels > 0``)."""
+        return self.context_channels > 0
 
     # Subclass interface ------------------------------------------------------------------
 
@@ -308,10 +335,49 @@ class Coupling(InvertibleModule):
 
     # Shared maths ------------------------------------------------------------------------
 
+    def _with_context(self, features: Tensor, context: Tensor | None) -> Tensor:
+        """The conditioner's input: ``features`` with the context concatenated, if any."""
+        name = type(self).__name__
+        if not self.context_channels:
+            if context is not None:
+                got = tuple(context.shape) if isinstance(context, Tensor) else type(
+                    context).__name__
+                raise AutoflowError(
+                    f"{name} was built without context_channels, but received a context "
+                    f"({got}); build it with context_channels=K to condition on one"
+                )
+            return features
+        k, batch = self.context_channels, features.shape[0]
+        if not isinstance(context, Tensor):
+            raise AutoflowError(
+                f"{name} was built with context_channels={k} and expects a context tensor "
+                f"(B, {k}) or (B, {k}, h, w), received "
+                f"{'None' if context is None else type(context).__name__}"
+            )
+        check_floating(context, self, "context")
+        spatial = features.dim() == 4
+        if context.dim() not in ((2, 4) if spatial else (2,)) or context.shape[:2] != (
+            batch, k
+        ):
+            expected = f"(B, {k}) or (B, {k}, h, w)" if spatial else f"(B, {k})"
+            raise ShapeError(
+                f"{name} expected a context of shape {expected} with B = {batch}, received "
+                f"{tuple(context.shape)}"
+            )
+        context = context.to(features.dtype)
+        if spatial and context.dim() == 2:
+            context = context[:, :, None, None].expand(-1, -1, *features.shape[2:])
+        elif spatial and context.shape[2:] != features.shape[2:]:
+            context = F.interpolate(context, size=tuple(features.shape[2:]), mode="bilinear",
+                                    align_corners=False, antialias=True)
+        return torch.cat([features, context], dim=1)
+
     def _params(
-        self, kept: Sequence[Tensor], target: Tensor, *, update: bool
+        self, kept: Sequence[Tensor], target: Tensor, *, update: bool,
+        context: Tensor | None = None,
     ) -> tuple[Tensor | None, Tensor]:
-        out = self._fit_to_target(self.conditioner(self._conditioner_input(kept, target)), target)
+        features = self._with_context(self._conditioner_input(kept, target), context)
+        out = self._fit_to_target(self.conditioner(features), target)
         factor = 1 if self.additive else 2
         expected = (target.shape[0], factor * target.shape[1], *target.shape[2:])
         if not isinstance(out, Tensor) or tuple(out.shape) != expected:
@@ -343,20 +409,23 @@ class Coupling(InvertibleModule):
             logdet = logdet + mixer_logdet
         return affine_invert(y, s, t), logdet
 
-    def forward(self, x: State) -> tuple[State, Tensor]:
+    def forward(self, x: State, *, context: Tensor | None = None) -> tuple[State, Tensor]:
         """Apply the coupling; returns ``(y, logdet)`` with ``logdet`` of shape ``(B,)``.
 
         In training mode the volume normalisation (if any) updates its running mean.
 
         Raises:
-            ShapeError: If ``x`` does not have the structure and channels the module expects.
+            ShapeError: If ``x`` does not have the structure and channels the module expects,
+                or the context has the wrong shape.
+            AutoflowError: If a context is given to an unconditional coupling or missing
+                for a conditional one.
         """
         kept, target = self._split(x)
-        s, t = self._params(kept, target, update=True)
+        s, t = self._params(kept, target, update=True, context=context)
         y, logdet = self._forward_target(target, s, t)
         return self._merge(kept, y), logdet
 
-    def inverse(self, y: State) -> tuple[State, Tensor]:
+    def inverse(self, y: State, *, context: Tensor | None = None) -> tuple[State, Tensor]:
         """Invert the coupling (eq. 4); returns ``(x, logdet_inv)`` with ``logdet_inv = -logdet``.
 
         Never updates running statistics.
@@ -365,27 +434,29 @@ class Coupling(InvertibleModule):
             ShapeError: If ``y`` does not have the structure and channels the module expects.
         """
         kept, target = self._split(y)
-        s, t = self._params(kept, target, update=False)
+        s, t = self._params(kept, target, update=False, context=context)
         x, logdet = self._inverse_target(target, s, t)
         return self._merge(kept, x), logdet
 
     # Engine hooks ------------------------------------------------------------------------
 
-    def reconstruct(self, y: State) -> Reconstruction:
+    def reconstruct(self, y: State, *, context: Tensor | None = None) -> Reconstruction:
         """Rebuild the input of ``forward`` from ``y``, evaluating the conditioner once."""
-        return self._rebuild(y, given_is_output=True)
+        return self._rebuild(y, given_is_output=True, context=context)
 
-    def reconstruct_inverse(self, x: State) -> Reconstruction:
+    def reconstruct_inverse(self, x: State, *, context: Tensor | None = None
+                            ) -> Reconstruction:
         """Rebuild the input of ``inverse`` from ``x``, evaluating the conditioner once."""
-        return self._rebuild(x, given_is_output=False)
+        return self._rebuild(x, given_is_output=False, context=context)
 
-    def _rebuild(self, state: State, *, given_is_output: bool) -> Reconstruction:
+    def _rebuild(self, state: State, *, given_is_output: bool,
+                 context: Tensor | None = None) -> Reconstruction:
         # The kept part is the same on both sides of the map, so it can be taken from the given
         # state as leaves; s and t computed from them serve both to invert the target (detached)
         # and to recompute the map with a graph.
         kept, given = self._split(state)
         kept = [k.detach().requires_grad_() for k in kept]
-        s, t = self._params(kept, given, update=False)
+        s, t = self._params(kept, given, update=False, context=context)
         s_value = None if s is None else s.detach()
         back, forth = (
             (self._inverse_target, self._forward_target)
@@ -417,29 +488,34 @@ class _ChannelCoupling(Coupling):
         clamp: float,
         volume_norm: str | VolumeNorm | None,
         additive: bool,
+        context_channels: int,
     ) -> None:
         name = type(self).__name__
         check_int(channels, "channels", name, minimum=2,
                   why=" (one to condition on, one to transform)")
         kept_channels = channels // 2
         target_channels = channels - kept_channels
+        check_int(context_channels, "context_channels", name, minimum=0)
         if conditioner is None:
             hidden = channels if hidden_channels is None else hidden_channels
             factor = 1 if additive else 2
             conditioner = make_conditioner(
-                kept_channels, factor * target_channels, hidden, kernel_size=kernel_size
+                kept_channels + context_channels, factor * target_channels, hidden,
+                kernel_size=kernel_size
             )
         elif hidden_channels is not None:
             raise AutoflowError(
                 f"{name} got both a conditioner and hidden_channels; hidden_channels only "
                 "configures the default conditioner"
             )
-        super().__init__(conditioner, clamp=clamp, volume_norm=volume_norm, additive=additive)
+        super().__init__(conditioner, clamp=clamp, volume_norm=volume_norm, additive=additive,
+                         context_channels=context_channels)
         self.channels = channels
         self.kept_channels = kept_channels
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}"
+        context = f", context_channels={self.context_channels}" if self.context_channels else ""
+        return f"channels={self.channels}{context}"
 
     def _split(self, state: State) -> tuple[list[Tensor], Tensor]:
         check_image(state, self.channels, self)
@@ -479,6 +555,9 @@ class AffineCoupling(_ChannelCoupling):
         volume_norm: ``None``, ``"channel"`` (CVN), ``"spatial"`` (SVN), or a
             :class:`~autoflow.volume_norm.VolumeNorm`. In training mode its batch mean makes
             each sample's output depend on the other samples' ``x0``.
+        context_channels: Channels ``K`` of a context to condition on (``0``: none); the
+            conditioner then takes ``C // 2 + K`` channels, the context concatenated to
+            ``x0`` (see :class:`Coupling`).
 
     Raises:
         AutoflowError: For invalid arguments, or ``hidden_channels`` given with a custom
@@ -505,6 +584,7 @@ class AffineCoupling(_ChannelCoupling):
         kernel_size: int = 3,
         clamp: float = 2.0,
         volume_norm: str | VolumeNorm | None = None,
+        context_channels: int = 0,
     ) -> None:
         super().__init__(
             channels,
@@ -514,6 +594,7 @@ class AffineCoupling(_ChannelCoupling):
             clamp=clamp,
             volume_norm=volume_norm,
             additive=False,
+            context_channels=context_channels,
         )
 
 
@@ -528,6 +609,8 @@ class AdditiveCoupling(_ChannelCoupling):
         conditioner: Network mapping ``(B, C // 2, H, W)`` to ``(B, C - C // 2, H, W)``.
         hidden_channels: Hidden width of the default conditioner; default ``channels``.
         kernel_size: Kernel size of the default conditioner (odd).
+        context_channels: Channels ``K`` of a context to condition on (``0``: none), as in
+            :class:`AffineCoupling`.
 
     Raises:
         AutoflowError: For invalid arguments.
@@ -549,6 +632,7 @@ class AdditiveCoupling(_ChannelCoupling):
         conditioner: nn.Module | None = None,
         hidden_channels: int | None = None,
         kernel_size: int = 3,
+        context_channels: int = 0,
     ) -> None:
         super().__init__(
             channels,
@@ -558,4 +642,5 @@ class AdditiveCoupling(_ChannelCoupling):
             clamp=2.0,
             volume_norm=None,
             additive=True,
+            context_channels=context_channels,
         )

@@ -58,6 +58,8 @@ from .base import (
     InvertibleModule,
     Reconstruction,
     State,
+    accepts_context,
+    call_with_context,
     check_logdet,
     flatten_state,
     pack_like,
@@ -118,6 +120,7 @@ def run_memory_saving(
     options: EngineOptions,
     *,
     inverse: bool = False,
+    context: Tensor | None = None,
 ) -> tuple[State, Tensor | None]:
     """Run ``blocks`` in order on ``x`` without storing intermediate activations.
 
@@ -127,6 +130,9 @@ def run_memory_saving(
         options: Engine settings.
         inverse: Apply ``module.inverse`` to each block instead of ``forward`` (the caller
             passes the blocks already in reverse order).
+        context: Passed to every conditional block, in the forward pass and in its
+            reconstruction; if it requires grad it gets its gradient like any tensor a block
+            uses.
 
     Returns:
         The output state and the summed log-det (``None`` if a module reports none).
@@ -138,9 +144,9 @@ def run_memory_saving(
             ``retain_graph=True``, or ``create_graph=True`` is asked for.
     """
     if not torch.is_grad_enabled():
-        return run_plain(blocks, x, inverse=inverse, debug=options.debug)
+        return run_plain(blocks, x, inverse=inverse, debug=options.debug, context=context)
     inputs = flatten_state(x)
-    plan = _Plan(blocks, x, options, inverse)
+    plan = _Plan(blocks, x, options, inverse, context)
     outputs, logdet = plan.run_forward(x)
     if not plan.externals and not any(t.requires_grad for t in inputs):
         # Nothing requires grad, so plain autograd would build no graph either.
@@ -151,22 +157,30 @@ def run_memory_saving(
     return pack_like(outputs, plan.output_like), (logdet if plan.has_logdet else None)
 
 
-def _step(name: str, block: InvertibleModule, state: State,
-          inverse: bool) -> tuple[State, Tensor | None]:
+def _context_for(block: InvertibleModule, context: Tensor | None) -> Tensor | None:
+    return context if context is not None and block.conditional else None
+
+
+def _step(name: str, block: InvertibleModule, state: State, inverse: bool,
+          context: Tensor | None = None) -> tuple[State, Tensor | None]:
     batch = flatten_state(state)[0].shape[0]
-    state, logdet = block.inverse(state) if inverse else block(state)
+    state, logdet = call_with_context(block.inverse if inverse else block, state,
+                                      _context_for(block, context))
     check_logdet(logdet, batch, f"module '{name}' ({type(block).__name__})")
     return state, logdet
 
 
 def run_plain(
     blocks: Sequence[tuple[str, InvertibleModule]], x: State, *, inverse: bool = False,
-    debug: bool = False,
+    debug: bool = False, context: Tensor | None = None,
 ) -> tuple[State, Tensor | None]:
-    """Apply ``(name, module)`` pairs with ordinary autograd, summing their log-dets."""
+    """Apply ``(name, module)`` pairs with ordinary autograd, summing their log-dets.
+
+    ``context`` goes to the conditional modules only.
+    """
     logdets = []
     for name, block in blocks:
-        x, logdet = _step(name, block, x, inverse)
+        x, logdet = _step(name, block, x, inverse, context)
         if debug:
             _check_finite(name, block, x, logdet)
         logdets.append(logdet)
@@ -228,8 +242,10 @@ def _autocast_as(states: list[tuple[str, bool, torch.dtype, bool]]) -> Iterator[
 class _Plan:
     """Everything the autograd function needs besides tensors, recorded by the forward pass."""
 
-    def __init__(self, blocks, x, options: EngineOptions, inverse: bool) -> None:
+    def __init__(self, blocks, x, options: EngineOptions, inverse: bool,
+                 context: Tensor | None = None) -> None:
         self.blocks = list(blocks)
+        self.context = context
         # Only the structure of the input is kept, not its tensors, so nothing stays alive.
         self.input_like = structure_of(x)
         self.input_requires_grad = [t.requires_grad for t in flatten_state(x)]
@@ -280,7 +296,7 @@ class _Plan:
                 before = [b._version for b in buffers]
                 recorder.found = {}
                 with recorder:
-                    state, logdet = _step(name, block, state, self.inverse)
+                    state, logdet = _step(name, block, state, self.inverse, self.context)
                 found = list(recorder.found.values())
                 ids = []
                 for t in found:
@@ -294,6 +310,9 @@ class _Plan:
                 watched = [(t, _user_version(t)) for t in found]
                 watched += [(b, _user_version(b)) for b, v in zip(buffers, before)
                             if b._version == v]
+                context = _context_for(block, self.context)
+                if isinstance(context, Tensor):  # even one without grad must stay as it was
+                    watched.append((context, _user_version(context)))
                 self.watched.append(watched)
                 if self.options.debug:
                     _check_finite(name, block, state, logdet)
@@ -460,7 +479,7 @@ class _MemorySavingChain(torch.autograd.Function):
                 with torch.enable_grad(), _replay_rng(plan.rng_states[i], state), _autocast_as(
                     plan.autocast
                 ):
-                    rec = _reconstruct(plan, block, state, kept.get(i))
+                    rec = _reconstruct(plan, name, block, state, kept.get(i))
                 rebuilt = rec.input_from_leaves([leaf.detach() for leaf in rec.leaves])
                 _check_reconstruction(plan, i, name, rebuilt, kept.get(i))
                 if plan.options.debug:
@@ -478,11 +497,22 @@ class _MemorySavingChain(torch.autograd.Function):
         return (None, *input_grads, *external_grads)
 
 
-def _reconstruct(plan: _Plan, block: InvertibleModule, state: State,
+def _reconstruct(plan: _Plan, name: str, block: InvertibleModule, state: State,
                  kept: State | None) -> Reconstruction:
+    context = _context_for(block, plan.context)
     if kept is not None and not plan.options.debug:
-        return recompute(block.inverse if plan.inverse else block, kept)
-    return block.reconstruct_inverse(state) if plan.inverse else block.reconstruct(state)
+        function = block.inverse if plan.inverse else block
+        return recompute(lambda s: call_with_context(function, s, context), kept)
+    hook = block.reconstruct_inverse if plan.inverse else block.reconstruct
+    if context is None:
+        return hook(state)
+    if not accepts_context(hook):
+        raise EngineError(
+            f"memory-saving engine: module '{name}' ({type(block).__name__}) takes a context, "
+            f"but its {hook.__name__} does not; add a context=None keyword to it and use the "
+            "context as forward does"
+        )
+    return hook(state, context=context)
 
 
 def _check_reconstruction(plan: _Plan, i: int, name: str, rebuilt: State,

@@ -29,6 +29,7 @@ from .base import (
     InvertibleModule,
     Shape,
     State,
+    call_with_context,
     check_bool,
     check_int,
     check_logdet,
@@ -261,8 +262,23 @@ class Flow(nn.Module):
     def extra_repr(self) -> str:
         return f"shape={self.shape}, latent_shape={self.latent_shape}"
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.log_prob(x)
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        return self.log_prob(x, context=context)
+
+    def _check_context(self, context: object) -> None:
+        if context is None:
+            return
+        if not isinstance(context, Tensor):
+            raise AutoflowError(
+                f"Flow expected the context to be a tensor (B, ...), received "
+                f"{type(context).__name__}"
+            )
+        if not self.transform.conditional:
+            raise AutoflowError(
+                f"Flow received a context, but its transform ({type(self.transform).__name__}) "
+                "takes none; build it conditional (e.g. glow(..., context_channels=K) or "
+                "couplings with context_channels=K)"
+            )
 
     def _check(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
@@ -273,11 +289,13 @@ class Flow(nn.Module):
                 f"received {tuple(x.shape)}"
             )
 
-    def log_prob(self, x: Tensor) -> Tensor:
+    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Exact log-density of each sample in nats.
 
         Args:
             x: Data of shape ``(B, *shape)``.
+            context: For a conditional transform, the context of each sample (batch ``B``):
+                the result is ``log p(x | context)``.
 
         Returns:
             ``log p(x)`` of shape ``(B,)``.
@@ -286,7 +304,8 @@ class Flow(nn.Module):
             ShapeError: If ``x`` does not have shape ``(B, *shape)``.
         """
         self._check(x)
-        z, logdet = self.transform(x)
+        self._check_context(context)
+        z, logdet = call_with_context(self.transform, x, context)
         if logdet is None:  # only a transform that broke its own bijective flag gets here
             raise NotBijectiveError(
                 f"{type(self.transform).__name__} reported no log-det; a log-likelihood needs one"
@@ -304,15 +323,17 @@ class Flow(nn.Module):
             )
         return log_p
 
-    def nll(self, x: Tensor) -> Tensor:
+    def nll(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Negative log-likelihood of each sample in nats, shape ``(B,)``; ``.mean()`` is a loss."""
-        return -self.log_prob(x)
+        return -self.log_prob(x, context=context)
 
-    def bits_per_dim(self, x: Tensor, *, bins: float | None = None) -> Tensor:
+    def bits_per_dim(self, x: Tensor, context: Tensor | None = None, *,
+                     bins: float | None = None) -> Tensor:
         """Negative log-likelihood in bits per dimension, shape ``(B,)``.
 
         Args:
             x: Data of shape ``(B, *shape)``.
+            context: The context of each sample, for a conditional transform.
             bins: For data dequantised from ``bins`` discrete levels into ``[0, 1)`` (or any unit
                 interval), add the ``log(bins)`` nats per dimension of that scaling, giving the
                 bits/dim of the discrete data (see the module docstring).
@@ -324,7 +345,7 @@ class Flow(nn.Module):
             isinstance(bins, bool) or not isinstance(bins, (int, float)) or not bins >= 1
         ):
             raise AutoflowError(f"bits_per_dim expected bins >= 1 or None, received {bins!r}")
-        nats = self.nll(x)
+        nats = self.nll(x, context=context)
         if bins is not None:
             nats = nats + self.dims * math.log(bins)
         return nats / (self.dims * math.log(2))
@@ -339,6 +360,7 @@ class Flow(nn.Module):
         self,
         sample_shape: int | tuple[int, ...],
         *,
+        context: Tensor | None = None,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
         return_log_prob: bool = False,
@@ -351,6 +373,8 @@ class Flow(nn.Module):
             sample_shape: Number of samples ``n``, or a sample shape (a tuple of ints, as in
                 ``torch.distributions``): ``(a, b)`` draws ``a * b`` samples shaped
                 ``(a, b, *shape)``, ``()`` one sample shaped ``shape``.
+            context: For a conditional transform, the context of the ``n`` samples: a batch
+                of ``n`` contexts (one per sample, in order), or of 1 (shared by all).
             temperature: Scales the base's standard deviation (``1.0``: the model itself).
             generator: Random generator for the latents.
             return_log_prob: Also return ``log p(x) = log p_Z(z) - log|det df^{-1}/dz|`` under
@@ -361,8 +385,8 @@ class Flow(nn.Module):
             ``sample_shape`` if asked.
 
         Raises:
-            AutoflowError: If ``sample_shape`` is not a positive int or a tuple of them, or
-                ``temperature`` is not positive.
+            AutoflowError: If ``sample_shape`` is not a positive int or a tuple of them,
+                ``temperature`` is not positive, or the context's batch is neither 1 nor ``n``.
         """
         batch_shape = self._sample_shape(sample_shape)
         n = math.prod(batch_shape)
@@ -376,12 +400,24 @@ class Flow(nn.Module):
         dtype, device = self._reference()
         z = self.base.sample(self.latent_shape, n, dtype=dtype, device=device,
                              temperature=float(temperature), generator=generator)
-        x, logdet_inv = self.transform.inverse(z)
+        x, logdet_inv = call_with_context(self.transform.inverse, z,
+                                          self._sample_context(context, n))
         check_logdet(logdet_inv, n, f"Flow transform {type(self.transform).__name__} (inverse)")
         x = x.reshape(*batch_shape, *self.shape)
         if not return_log_prob:
             return x
         return x, (self._base_log_prob(z, n) - logdet_inv).reshape(batch_shape)
+
+    def _sample_context(self, context: Tensor | None, n: int) -> Tensor | None:
+        self._check_context(context)
+        if context is None:
+            return None
+        if context.dim() == 0 or context.shape[0] not in (1, n):
+            raise AutoflowError(
+                f"Flow.sample expected a context with a batch of 1 (shared) or {n} (one per "
+                f"sample), received shape {tuple(context.shape)}"
+            )
+        return context.expand(n, *context.shape[1:])
 
     @staticmethod
     def _sample_shape(sample_shape: object) -> tuple[int, ...]:

@@ -45,6 +45,7 @@ def glow(
     clamp: float = 2.0,
     memory_saving: bool = False,
     anchor_every: int | None = None,
+    context_channels: int = 0,
 ) -> Sequential:
     """Build a multi-scale Glow flow as one flat :class:`~autoflow.Sequential`.
 
@@ -65,6 +66,10 @@ def glow(
         clamp: Soft-clamp bound of the coupling log-scales.
         memory_saving: Train through the memory-saving engine.
         anchor_every: Engine option, see :class:`~autoflow.Sequential`.
+        context_channels: Channels ``K`` of a context to condition on (``0``: none): every
+            coupling, and every split's learned prior, gets it concatenated to its
+            conditioner's input (a ``(B, K)`` vector broadcast over space, or a
+            ``(B, K, h, w)`` image resized to each level); call ``flow(x, context=c)``.
 
     Returns:
         The flow; check it with ``flow.check((C, H, W))``.
@@ -88,6 +93,7 @@ def glow(
     check_int(hidden_channels, "hidden_channels", "glow")
     check_bool(learned_prior, "learned_prior", "glow")
     check_bool(memory_saving, "memory_saving", "glow")
+    check_int(context_channels, "context_channels", "glow", minimum=0)
     if downsample not in _DOWNSAMPLE:
         raise AutoflowError(
             f"glow expected downsample to be 'squeeze', 'haar' or None, received {downsample!r}"
@@ -114,12 +120,14 @@ def glow(
             add(ActNorm(channels))
             add(InvConv1x1(channels) if mixing == "conv1x1" else Permute(channels))
             add(AffineCoupling(channels, hidden_channels=hidden_channels,
-                               kernel_size=kernel_size, clamp=clamp))
+                               kernel_size=kernel_size, clamp=clamp,
+                               context_channels=context_channels))
         if level < levels - 1:
             # The split itself takes the tuple state directly: it appends its latent.
             modules.append(Split(channels, learned_prior=learned_prior,
                                  hidden_channels=hidden_channels if learned_prior else None,
-                                 kernel_size=kernel_size, clamp=clamp))
+                                 kernel_size=kernel_size, clamp=clamp,
+                                 context_channels=context_channels if learned_prior else 0))
             split_seen = True
             channels -= channels // 2
     return Sequential(*modules, memory_saving=memory_saving, anchor_every=anchor_every)

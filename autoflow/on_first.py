@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from .base import InvertibleModule, Reconstruction, Shape, State
+from .base import InvertibleModule, Reconstruction, Shape, State, call_with_context
 from .errors import AutoflowError, ShapeError
 
 __all__ = ["OnFirst"]
@@ -57,6 +57,11 @@ class OnFirst(InvertibleModule):
     def volume_preserving(self) -> bool:  # type: ignore[override]
         return self.module.volume_preserving
 
+    @property
+    def conditional(self) -> bool:  # type: ignore[override]
+        """Whether the wrapped module takes a context (which is then passed on to it)."""
+        return self.module.conditional
+
     def _check(self, state: State, direction: str) -> tuple[Tensor, tuple[Tensor, ...]]:
         if not isinstance(state, tuple) or len(state) < 1:
             received = "an empty tuple" if isinstance(state, tuple) else type(state).__name__
@@ -75,33 +80,38 @@ class OnFirst(InvertibleModule):
             )
         return (head, *rest), logdet
 
-    def forward(self, x: State) -> tuple[State, Tensor | None]:
+    def forward(self, x: State, *, context: Tensor | None = None
+                ) -> tuple[State, Tensor | None]:
         """Apply the module to ``x[0]``; returns ``(state, logdet)``, ``logdet`` of shape (B,).
 
         Raises:
             ShapeError: If ``x`` is not a tuple, or the module rejects ``x[0]``.
         """
         head, rest = self._check(x, "forward")
-        return self._wrap(self.module(head), rest)
+        return self._wrap(call_with_context(self.module, head, context), rest)
 
-    def inverse(self, y: State) -> tuple[State, Tensor | None]:
+    def inverse(self, y: State, *, context: Tensor | None = None
+                ) -> tuple[State, Tensor | None]:
         """Apply the module's inverse to ``y[0]``; returns ``(state, logdet_inv)``.
 
         Raises:
             ShapeError: If ``y`` is not a tuple, or the module rejects ``y[0]``.
         """
         head, rest = self._check(y, "inverse")
-        return self._wrap(self.module.inverse(head), rest)
+        return self._wrap(call_with_context(self.module.inverse, head, context), rest)
 
-    def reconstruct(self, y: State) -> Reconstruction:
+    def reconstruct(self, y: State, *, context: Tensor | None = None) -> Reconstruction:
         """Engine hook: the wrapped module's reconstruction, latents passed through as leaves."""
         head, rest = self._check(y, "reconstruct")
-        return self._extend(self.module.reconstruct(head), rest)
+        return self._extend(call_with_context(self.module.reconstruct, head, context), rest)
 
-    def reconstruct_inverse(self, x: State) -> Reconstruction:
+    def reconstruct_inverse(self, x: State, *, context: Tensor | None = None
+                            ) -> Reconstruction:
         """Engine hook for the inverse direction; see :meth:`reconstruct`."""
         head, rest = self._check(x, "reconstruct_inverse")
-        return self._extend(self.module.reconstruct_inverse(head), rest)
+        return self._extend(
+            call_with_context(self.module.reconstruct_inverse, head, context), rest
+        )
 
     @staticmethod
     def _extend(rec: Reconstruction, rest: tuple[Tensor, ...]) -> Reconstruction:

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .base import InvertibleModule, Shape, State, check_bool, sum_logdets
 from .engine import EngineOptions, run_memory_saving, run_plain
-from .errors import EngineError, ShapeError
+from .errors import AutoflowError, EngineError, ShapeError
 
 __all__ = ["Sequential"]
 
@@ -26,6 +26,10 @@ class Sequential(InvertibleModule):
     memory-saving engine (:mod:`autoflow.engine`): intermediate activations are not stored but
     reconstructed during backward, so memory does not grow with depth. Gradients equal plain
     autograd's; the same module code runs either way.
+
+    ``flow(x, context=c)`` passes ``c`` to every member that takes a context
+    (:attr:`~autoflow.InvertibleModule.conditional`) and to no other, in both directions and
+    in the engine, which gives ``c`` its gradient like any tensor a member uses.
 
     Args:
         *modules: The modules, in the order they are applied.
@@ -102,14 +106,29 @@ class Sequential(InvertibleModule):
         return all(isinstance(m, InvertibleModule) and m.volume_preserving for m in self)
 
     @property
+    def conditional(self) -> bool:  # type: ignore[override]
+        """Whether any member takes a context."""
+        return any(isinstance(m, InvertibleModule) and m.conditional for m in self)
+
+    @property
     def reconstruction_errors(self) -> dict[str, float]:
         """Worst relative reconstruction error per module seen by the engine in debug mode."""
         return self.engine_options.errors
 
-    def forward(self, x: State) -> tuple[State, Tensor | None]:
-        return self._run(list(self._modules.items()), x, inverse=False)
+    def forward(self, x: State, *, context: Tensor | None = None
+                ) -> tuple[State, Tensor | None]:
+        """Apply the members in order; ``context`` goes to those that take one.
 
-    def inverse(self, y: State) -> tuple[State, Tensor | None]:
+        Raises:
+            AutoflowError: If a context is given but no member takes one.
+        """
+        self._check_context(context)
+        return self._run(list(self._modules.items()), x, inverse=False, context=context)
+
+    def inverse(self, y: State, *, context: Tensor | None = None
+                ) -> tuple[State, Tensor | None]:
+        """Invert the members in reverse order; ``context`` goes to those that take one."""
+        self._check_context(context)
         items = list(self._modules.items())[::-1]
         for name, module in items:
             if not isinstance(module, InvertibleModule):
@@ -117,18 +136,30 @@ class Sequential(InvertibleModule):
                     f"cannot invert the chain: module '{name}' ({type(module).__name__}) is not "
                     "an InvertibleModule"
                 )
-        return self._run(items, y, inverse=True)
+        return self._run(items, y, inverse=True, context=context)
 
-    def _run(self, items, x: State, inverse: bool) -> tuple[State, Tensor | None]:
+    def _check_context(self, context: object) -> None:
+        # A context no member reads would be ignored silently: a model the user believes
+        # conditional would not be.
+        if context is not None and not self.conditional:
+            raise AutoflowError(
+                "Sequential received a context, but none of its modules takes one; build the "
+                "couplings with context_channels=... (or give your module's forward a "
+                "context=None keyword)"
+            )
+
+    def _run(self, items, x: State, inverse: bool,
+             context: Tensor | None = None) -> tuple[State, Tensor | None]:
         logdets = []
         for segment in self._segments(items):
             if isinstance(segment, tuple):  # a plain module, run with ordinary autograd
                 x, logdet = segment[1](x), None
             elif self.memory_saving:
-                x, logdet = run_memory_saving(segment, x, self.engine_options, inverse=inverse)
+                x, logdet = run_memory_saving(segment, x, self.engine_options, inverse=inverse,
+                                              context=context)
             else:
                 x, logdet = run_plain(segment, x, inverse=inverse,
-                                      debug=self.engine_options.debug)
+                                      debug=self.engine_options.debug, context=context)
             logdets.append(logdet)
         return x, sum_logdets(logdets)
 

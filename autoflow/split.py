@@ -59,11 +59,12 @@ class _LatentPrior(Coupling):
     """Affine coupling of the last tensor of a tuple state on its first tensor."""
 
     def __init__(self, kept_channels: int, latent_channels: int, hidden_channels: int,
-                 kernel_size: int, clamp: float) -> None:
+                 kernel_size: int, clamp: float, context_channels: int = 0) -> None:
         conditioner = make_conditioner(
-            kept_channels, 2 * latent_channels, hidden_channels, kernel_size=kernel_size
+            kept_channels + context_channels, 2 * latent_channels, hidden_channels,
+            kernel_size=kernel_size
         )
-        super().__init__(conditioner, clamp=clamp)
+        super().__init__(conditioner, clamp=clamp, context_channels=context_channels)
 
     def _split(self, state: State) -> tuple[list[Tensor], Tensor]:
         return list(state[:-1]), state[-1]
@@ -91,9 +92,13 @@ class Split(InvertibleModule):
         hidden_channels: Hidden width of the prior's conditioner; default ``channels``.
         kernel_size: Odd kernel size of the prior's conditioner.
         clamp: Soft-clamp bound of the prior's log-scale.
+        context_channels: Channels ``K`` of a context the learned prior is conditioned on
+            too (``0``: none), concatenated to the kept part as in a conditional coupling:
+            the prior becomes ``N(mu(h, c), sigma(h, c)^2)``.
 
     Raises:
-        AutoflowError: If ``channels`` is not an int ``>= 2``, or a prior option is invalid.
+        AutoflowError: If ``channels`` is not an int ``>= 2``, a prior option is invalid, or
+            ``context_channels`` is given without ``learned_prior``.
 
     Example:
         >>> import torch, autoflow
@@ -116,8 +121,10 @@ class Split(InvertibleModule):
         hidden_channels: int | None = None,
         kernel_size: int = 3,
         clamp: float = 2.0,
+        context_channels: int = 0,
     ) -> None:
         super().__init__()
+        check_int(context_channels, "context_channels", "Split", minimum=0)
         check_int(channels, "channels", "Split", minimum=2, why=" (one to keep, one to factor out)")
         self.channels = channels
         self.latent_channels = channels // 2
@@ -126,16 +133,23 @@ class Split(InvertibleModule):
         if learned_prior:
             hidden = channels if hidden_channels is None else hidden_channels
             self.prior: _LatentPrior | None = _LatentPrior(
-                self.kept_channels, self.latent_channels, hidden, kernel_size, clamp
+                self.kept_channels, self.latent_channels, hidden, kernel_size, clamp,
+                context_channels
             )
         else:
-            if hidden_channels is not None:
+            if hidden_channels is not None or context_channels:
+                option = "hidden_channels" if hidden_channels is not None else "context_channels"
                 raise AutoflowError(
-                    "Split got hidden_channels without learned_prior; it only configures the "
+                    f"Split got {option} without learned_prior; it only configures the "
                     "prior's conditioner"
                 )
             self.prior = None
         self.volume_preserving = self.prior is None
+
+    @property
+    def conditional(self) -> bool:  # type: ignore[override]
+        """Whether the learned prior takes a context."""
+        return self.prior is not None and self.prior.conditional
 
     def extra_repr(self) -> str:
         return f"{self.channels}, learned_prior={self.learned_prior}"
@@ -179,7 +193,8 @@ class Split(InvertibleModule):
 
     # Maps --------------------------------------------------------------------------------
 
-    def forward(self, x: State) -> tuple[tuple[Tensor, ...], Tensor]:
+    def forward(self, x: State, *, context: Tensor | None = None
+                ) -> tuple[tuple[Tensor, ...], Tensor]:
         """Factor out the latent; returns ``(state, logdet)`` with ``logdet`` of shape ``(B,)``.
 
         Raises:
@@ -188,10 +203,18 @@ class Split(InvertibleModule):
         """
         state = self._factor(x)
         if self.prior is None:
+            self._no_context(context)
             return state, state[0].new_zeros(state[0].shape[0])
-        return self.prior(state)
+        return self.prior(state, context=context)
 
-    def inverse(self, y: State) -> tuple[State, Tensor]:
+    def _no_context(self, context: object) -> None:
+        if context is not None:
+            raise AutoflowError(
+                "Split without learned_prior takes no context; build it with "
+                "learned_prior=True and context_channels=K to condition its prior"
+            )
+
+    def inverse(self, y: State, *, context: Tensor | None = None) -> tuple[State, Tensor]:
         """Put the latent back; returns ``(x, logdet_inv)`` with ``logdet_inv = -logdet``.
 
         Raises:
@@ -199,16 +222,17 @@ class Split(InvertibleModule):
         """
         self._check_output(y)
         if self.prior is None:
+            self._no_context(context)
             return self._unfactor(y), y[0].new_zeros(y[0].shape[0])
-        state, logdet = self.prior.inverse(y)
+        state, logdet = self.prior.inverse(y, context=context)
         return self._unfactor(state), logdet
 
-    def reconstruct(self, y: State) -> Reconstruction:
+    def reconstruct(self, y: State, *, context: Tensor | None = None) -> Reconstruction:
         """Engine hook: rebuild the input from ``y`` with the prior's conditioner run once."""
         if self.prior is None:
-            return super().reconstruct(y)
+            return super().reconstruct(y, context=context)
         self._check_output(y)
-        rec = self.prior.reconstruct(y)
+        rec = self.prior.reconstruct(y, context=context)
         return Reconstruction(
             rec.leaves,
             rec.output,

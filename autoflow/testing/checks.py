@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from ..base import InvertibleModule, State, flatten_state, pack_like, state_shape
+from ..base import (
+    InvertibleModule,
+    State,
+    call_with_context,
+    flatten_state,
+    pack_like,
+    state_shape,
+)
 from ..errors import AutoflowError
 
 __all__ = [
@@ -91,7 +99,8 @@ def _require_logdet_shape(check: str, module: nn.Module, what: str, logdet: obje
 
 
 def assert_invertible(
-    module: InvertibleModule, inputs: State, *, rtol: float | None = None
+    module: InvertibleModule, inputs: State, *, context: Tensor | None = None,
+    rtol: float | None = None
 ) -> None:
     """Assert that ``module.inverse(module(x))`` recovers ``x`` and that the log-dets agree.
 
@@ -103,6 +112,8 @@ def assert_invertible(
     Args:
         module: The module under test, in the mode (train/eval) to be checked.
         inputs: A finite state (tensor or tuple of tensors) with a batch dimension.
+        context: For a conditional module, the context passed to ``forward`` and
+            ``inverse`` (``module(x, context=context)``).
         rtol: Relative tolerance; by default :func:`default_rtol` of the input dtype.
 
     Raises:
@@ -119,7 +130,7 @@ def assert_invertible(
     tol = default_rtol(first.dtype) if rtol is None else rtol
     batch = first.shape[0]
     with torch.no_grad():
-        outputs, logdet = module(inputs)
+        outputs, logdet = call_with_context(module, inputs, context)
         check = "assert_invertible"
         _require_finite(check, module, "forward output", outputs)
         _require_logdet_shape(check, module, "logdet", logdet, batch)
@@ -135,7 +146,7 @@ def assert_invertible(
                 f"{type(module).__name__}.input_shape maps {expected_shape} to "
                 f"{module.input_shape(expected_shape)}, expected {state_shape(inputs)}"
             )
-        restored, logdet_inv = module.inverse(outputs)
+        restored, logdet_inv = call_with_context(module.inverse, outputs, context)
         _require_finite(check, module, "inverse output", restored)
         _require_logdet_shape(check, module, "logdet_inv", logdet_inv, batch)
         _require_finite(check, module, "logdet_inv", logdet_inv)
@@ -168,7 +179,8 @@ def assert_invertible(
 
 
 def assert_logdet_matches_jacobian(
-    module: InvertibleModule, inputs: State, *, rtol: float = 1e-8
+    module: InvertibleModule, inputs: State, *, context: Tensor | None = None,
+    rtol: float = 1e-8
 ) -> None:
     """Assert that the reported log-det equals a brute-force one from the autograd Jacobian.
 
@@ -184,6 +196,8 @@ def assert_logdet_matches_jacobian(
     Args:
         module: The module under test; it is deep-copied, the original is not modified.
         inputs: A finite state with a batch dimension.
+        context: For a conditional module, its context (copied to float64 too); the
+            Jacobian is taken with respect to the state only, the context held fixed.
         rtol: Tolerance on ``|reported - expected| / max(1, |expected|)``.
 
     Raises:
@@ -198,15 +212,21 @@ def assert_logdet_matches_jacobian(
     _check_finite(inputs)
     module64 = copy.deepcopy(module).double()
     x = [t.detach().double() for t in flatten_state(inputs)]
+    if isinstance(context, Tensor) and context.is_floating_point():
+        context = context.detach().double()
+
+    def run(state: State) -> tuple[State, Tensor | None]:
+        return call_with_context(module64, state, context)
+
     with torch.no_grad():
-        _, logdet = module64(pack_like(x, inputs))
+        _, logdet = run(pack_like(x, inputs))
     if logdet is None:
         raise AssertionError(f"{type(module).__name__} returned no log-det to check")
     check = "assert_logdet_matches_jacobian"
     _require_logdet_shape(check, module, "logdet", logdet, x[0].shape[0])
     _require_finite(check, module, "logdet", logdet)
     for b in range(x[0].shape[0]):
-        jacobian = _sample_jacobian(module64, x, inputs, b)
+        jacobian = _sample_jacobian(run, x, inputs, b)
         _require_finite(check, module, f"Jacobian for sample {b}", jacobian)
         if jacobian.shape[0] == jacobian.shape[1]:
             expected = torch.linalg.slogdet(jacobian).logabsdet
@@ -220,7 +240,8 @@ def assert_logdet_matches_jacobian(
             )
 
 
-def _sample_jacobian(module: nn.Module, x: list[Tensor], like: State, b: int) -> Tensor:
+def _sample_jacobian(module: Callable[[State], tuple[State, Tensor | None]], x: list[Tensor],
+                     like: State, b: int) -> Tensor:
     sizes = [t[b].numel() for t in x]
 
     def sample_output(flat: Tensor) -> Tensor:
@@ -239,6 +260,7 @@ def assert_engine_gradients_match(
     module: InvertibleModule,
     inputs: State,
     *,
+    context: Tensor | None = None,
     inverse: bool = False,
     rtol: float | None = None,
     seed: int = 0,
@@ -249,9 +271,10 @@ def assert_engine_gradients_match(
     state: one with plain autograd, one inside ``Sequential(..., memory_saving=True)`` (a
     :class:`~autoflow.Sequential` is switched over itself). The loss is a fixed random linear
     function of the outputs plus a weighted sum of the log-det, so every path gets a gradient.
-    Compared: outputs, log-dets, gradients of the inputs and of every parameter, and every buffer
-    afterwards (state must be updated exactly once). A gradient that one run gives and the other
-    does not (``None``) is a failure, not a zero; so is a NaN anywhere.
+    Compared: outputs, log-dets, gradients of the inputs, of the context and of every
+    parameter, and every buffer afterwards (state must be updated exactly once). A gradient
+    that one run gives and the other does not (``None``) is a failure, not a zero; so is a
+    NaN anywhere.
 
     Both runs execute the module's own code, so a bug shared by both (a detached conditioner,
     say) is not caught here: check the module itself against finite differences
@@ -260,6 +283,8 @@ def assert_engine_gradients_match(
     Args:
         module: The module under test (left untouched).
         inputs: A finite state; gradients are taken with respect to its floating tensors.
+        context: For a conditional module, its context; a floating context gets a gradient
+            in both runs (the engine must give it the one autograd gives).
         inverse: Check the inverse direction (``module.inverse``) instead.
         rtol: Relative tolerance per tensor; 1e-8 in float64 and 1e-4 otherwise by default.
         seed: Seed of the random loss weights and of the random-number state of both runs.
@@ -289,7 +314,7 @@ def assert_engine_gradients_match(
     runs = []
     # Plain autograd first: a broken module is reported by this check, not by the engine.
     for run, model in (("plain autograd", plain), ("the engine", saving)):
-        out, ld, grads = _gradients(model, inputs, inverse, seed)
+        out, ld, grads = _gradients(model, inputs, context, inverse, seed)
         _require_finite(check, module, f"output under {run}", out)
         _require_logdet_shape(check, module, f"log-det under {run}", ld, batch)
         _require_finite(check, module, f"log-det under {run}", ld)
@@ -304,6 +329,8 @@ def assert_engine_gradients_match(
         _compare("log-det", ld_b, ld_a, tol)
     # The wrapped copy lists parameters and buffers in the same order as the original.
     names = [f"input {i}" for i, t in enumerate(flatten_state(inputs)) if t.is_floating_point()]
+    if isinstance(context, Tensor) and context.is_floating_point():
+        names.append("the context")
     names += [n for n, p in plain.named_parameters() if p.requires_grad]
     # A gradient that is zero in exact arithmetic (a bias before batch norm) is compared on
     # the scale of the largest gradient, a million times larger than rounding noise.
@@ -323,12 +350,16 @@ def assert_engine_gradients_match(
         _compare(f"buffer {name} after the step", b, a, tol)
 
 
-def _gradients(module: nn.Module, inputs: State, inverse: bool, seed: int):
+def _gradients(module: nn.Module, inputs: State, context: Tensor | None, inverse: bool,
+               seed: int):
     leaves = [t.detach().clone().requires_grad_(t.is_floating_point())
               for t in flatten_state(inputs)]
+    if isinstance(context, Tensor):
+        context = context.detach().clone().requires_grad_(context.is_floating_point())
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        out, logdet = (module.inverse if inverse else module)(pack_like(leaves, inputs))
+        out, logdet = call_with_context(module.inverse if inverse else module,
+                                        pack_like(leaves, inputs), context)
     generator = torch.Generator().manual_seed(seed)
     loss = sum(
         (t * torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t)).sum()
@@ -338,6 +369,8 @@ def _gradients(module: nn.Module, inputs: State, inverse: bool, seed: int):
         weights = torch.rand(logdet.shape, generator=generator, dtype=torch.float64)
         loss = loss + (logdet * weights.to(logdet)).sum()
     wanted = [leaf for leaf in leaves if leaf.requires_grad]
+    if isinstance(context, Tensor) and context.requires_grad:
+        wanted.append(context)
     wanted += [p for p in module.parameters() if p.requires_grad]
     grads = list(torch.autograd.grad(loss, wanted, allow_unused=True))
     detached = pack_like([t.detach() for t in flatten_state(out)], out)

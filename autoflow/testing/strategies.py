@@ -16,7 +16,16 @@ import torch
 from hypothesis import strategies as st
 from torch import Tensor
 
-__all__ = ["batch_sizes", "dtypes", "image_shapes", "states", "pyramid_states", "tensor_of"]
+__all__ = [
+    "batch_sizes",
+    "conditional_states",
+    "contexts",
+    "dtypes",
+    "image_shapes",
+    "pyramid_states",
+    "states",
+    "tensor_of",
+]
 
 
 def batch_sizes(min_size: int = 1, max_size: int = 3) -> st.SearchStrategy[int]:
@@ -96,3 +105,66 @@ def pyramid_states(
         tensor_of((b, c, h * 2 ** (n_levels - 1 - d), w * 2 ** (n_levels - 1 - d)), kind, seed + d)
         for d in range(n_levels)
     )
+
+
+@st.composite
+def contexts(
+    draw: st.DrawFn,
+    batch: int,
+    channels: int | st.SearchStrategy[int],
+    *,
+    dtype: torch.dtype = torch.float64,
+    spatial: bool | None = None,
+    max_size: int = 6,
+) -> Tensor:
+    """Contexts for a batch of ``batch`` states: ``(B, K)`` vectors or ``(B, K, h, w)`` images.
+
+    Args:
+        batch: The batch size ``B`` of the states they go with.
+        channels: ``K``, or a strategy for it.
+        dtype: The dtype of the states they go with.
+        spatial: ``False`` for vectors only, ``True`` for images only (of any size up to
+            ``max_size``, so a coupling must resize them), ``None`` for either.
+        max_size: Largest side of an image context.
+    """
+    k = draw(_ints(channels))
+    image = draw(st.booleans()) if spatial is None else spatial
+    shape: tuple[int, ...] = (batch, k)
+    if image:
+        side = st.integers(1, max_size)
+        shape = (batch, k, draw(side), draw(side))
+    return tensor_of(shape, dtype, draw(st.integers(0, 2**31 - 1)))
+
+
+@st.composite
+def conditional_states(
+    draw: st.DrawFn,
+    channels: int | st.SearchStrategy[int] = st.integers(2, 4),
+    context_channels: int | st.SearchStrategy[int] = st.integers(1, 3),
+    *,
+    min_size: int = 1,
+    max_size: int = 6,
+    multiple_of: int = 1,
+    spatial: bool | None = None,
+    batch: st.SearchStrategy[int] | None = None,
+    dtype: st.SearchStrategy[torch.dtype] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Pairs ``(x, context)``: a state as :func:`states` draws it and a matching context.
+
+    The context has the state's batch size and dtype (see :func:`contexts`).
+
+    Example:
+        >>> from hypothesis import given, settings
+        >>> from autoflow.testing import strategies as afs
+        >>> @settings(max_examples=5)
+        ... @given(afs.conditional_states(channels=4, context_channels=2))
+        ... def test_pair(pair):
+        ...     x, c = pair
+        ...     assert c.shape[:2] == (x.shape[0], 2) and c.dtype == x.dtype
+        >>> test_pair()
+    """
+    x = draw(states(channels, min_size=min_size, max_size=max_size, multiple_of=multiple_of,
+                    batch=batch, dtype=dtype))
+    c = draw(contexts(x.shape[0], context_channels, dtype=x.dtype, spatial=spatial,
+                      max_size=max_size))
+    return x, c
