@@ -8,6 +8,8 @@ Commands:
   evaluate on the test split when there is one.
 * ``evaluate``: metrics of a run folder or checkpoint on a test set.
 * ``predict``: heatmaps, scores and verdicts for a folder of images.
+* ``export``: the fitted model as an ONNX or TorchScript file, images to anomaly maps and
+  scores (:mod:`.export`).
 
 Every config field is a flag (``--image-size``, ``--epochs``, ``--seed``, ``--volume-norm``...);
 booleans come as ``--augment`` / ``--no-augment``. A run folder (``--out``, by default
@@ -45,6 +47,7 @@ from .config import PRESETS, PyramidFlowConfig, mvtec_defaults
 from .datasets import BTAD, AnomalyImageDataset, ImageFolder, MVTecAD
 from .detector import Detector
 from .evaluate import collect_maps, metrics_from_maps, results_table, write_results
+from .export import FORMATS, check_onnx, export
 from .files import write_text_atomically
 from .model import PyramidFlow
 from .synthetic import SyntheticDefects
@@ -82,6 +85,7 @@ _MODEL_FILE = "model.pt"
 _RUN_FILES = ("config.json", "data.json", _MODEL_FILE, "image_template.png", "results.json",
               "results.md")
 _RUN_FOLDERS = ("checkpoints", "heatmaps", "predictions")
+_EXPORT_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 _PATH_KEYS = ("root", "good", "test_good", "defective", "masks")
 
 RUN_FOLDER_RULES = (
@@ -120,11 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with its four sub-commands."""
+    """The argument parser with its five sub-commands."""
     parser = argparse.ArgumentParser(
         prog="python -m examples.pyramidflow",
         description="PyramidFlow (CVPR 2023) defect localisation: demo, train, evaluate, "
-                    "predict.",
+                    "predict, export.",
     )
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
@@ -171,6 +175,22 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", type=Path, help="folder of images (not searched recursively)")
     predict.add_argument("--out", type=Path,
                          help="output folder (default: <run>/predictions/<images folder name>)")
+
+    exporter = _command(commands, "export", _export,
+                        "write the fitted model as an ONNX or TorchScript file: images to "
+                        "anomaly maps and scores, template baked in")
+    exporter.add_argument("source", type=Path, help="run folder or checkpoint file")
+    exporter.add_argument("--format", choices=FORMATS, required=True,
+                          help="onnx (run with onnxruntime; needs pip install "
+                               "'autoflow[export]') or torchscript (torch.jit.load)")
+    exporter.add_argument("--out", type=Path,
+                          help="file to write (default: <run>/model.onnx or "
+                               "<run>/model.torchscript.pt)")
+    exporter.add_argument("--batch-size", type=int, default=1,
+                          help="images per call of the exported model, fixed at export "
+                               "(default: 1)")
+    exporter.add_argument("--overwrite", action="store_true",
+                          help="replace the output file if it exists")
     return parser
 
 
@@ -459,6 +479,36 @@ def _predict(args: argparse.Namespace) -> int:
     }, indent=2) + "\n")
     defective = sum(row["verdict"] == "defective" for row in rows)
     print(f"{len(rows)} images, {defective} judged defective; scores and heatmaps in {out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    checkpoint, folder = _resolve_source(args.source)
+    out = args.out or folder / _EXPORT_FILES[args.format]
+    # Everything is checked before the (slow) export and the write.
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, received {args.batch_size}")
+    if args.format == "onnx":
+        try:
+            check_onnx()
+        except ImportError as error:
+            raise RuntimeError(str(error)) from error
+    if out.is_dir():
+        raise ValueError(f"--out '{out}' is a folder; name the file to write")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"'{out}' already exists; pass --overwrite to replace it")
+    check_writable(out.parent)
+    detector = Detector.load(checkpoint)
+    if detector.model is None or detector.model.template is None:
+        raise ValueError(f"'{checkpoint}' holds no fitted model (no latent template: a "
+                         "checkpoint of an unfinished run); export the run's model.pt")
+    export(detector, out, args.format, batch_size=args.batch_size)
+    size = detector.config.image_size
+    print(f"wrote {out} ({args.format}): images ({args.batch_size}, 3, {size}, {size}) in "
+          f"[0, 1] -> maps ({args.batch_size}, {size}, {size}), scores ({args.batch_size},)")
+    if detector.thresholds is not None:
+        print(f"thresholds: image score > {detector.thresholds.image:.6g} is defective, "
+              f"pixel > {detector.thresholds.pixel:.6g} is a defect")
     return 0
 
 
