@@ -320,7 +320,8 @@ class LaplacianPyramid(InvertibleModule):
         for d, level in enumerate(levels):
             check_image(level, None, self, name=f"level {d}")
         batches = [level.shape[0] for level in levels]
-        if len(set(batches)) > 1:
+        # Compared pairwise, not hashed: a traced or symbolic batch size has no hash.
+        if any(b != batches[0] for b in batches[1:]):
             raise ShapeError(
                 f"LaplacianPyramid.inverse expected the same batch size in every level, "
                 f"received {batches}"

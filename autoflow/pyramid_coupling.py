@@ -128,7 +128,8 @@ class _LevelCoupling(Coupling):
             check_image(level, self.channels if d in self._referenced() else None, self,
                         name=f"level {d}")
         batches = [level.shape[0] for level in state]
-        if len(set(batches)) > 1:
+        # Compared pairwise, not hashed: a traced or symbolic batch size has no hash.
+        if any(b != batches[0] for b in batches[1:]):
             raise ShapeError(
                 f"{type(self).__name__} expected the same batch size in every level, "
                 f"received {batches}"
