@@ -20,10 +20,11 @@ from .base import (
     InvertibleModule,
     Shape,
     check_dtype,
-    check_image,
-    check_image_shape,
+    check_features,
+    check_features_shape,
     check_int,
     exact,
+    positions,
 )
 from .errors import AutoflowError
 
@@ -32,6 +33,9 @@ __all__ = ["ActNorm"]
 
 class ActNorm(InvertibleModule):
     """Per-channel affine normalisation ``y = (x + b) * exp(log_scale)``.
+
+    Takes ``(B, C, H, W)`` images or ``(B, C)`` vectors (``H W = 1``); the log-det is
+    ``H W sum(log_scale)`` per sample.
 
     The inverse never initialises: before the first training forward it uses the current
     parameters (the identity map).
@@ -74,17 +78,23 @@ class ActNorm(InvertibleModule):
         """Set ``b`` and ``log_scale`` so ``x`` maps to zero mean, unit std per channel.
 
         Args:
-            x: A batch of shape ``(B, C, H, W)``.
+            x: A batch of shape ``(B, C, H, W)`` or ``(B, C)``.
         """
-        check_image(x, self.channels, self)
-        mean = x.mean(dim=(0, 2, 3), keepdim=True)
-        std = x.std(dim=(0, 2, 3), keepdim=True, correction=0)
+        check_features(x, self.channels, self)
+        dims = (0, *range(2, x.dim()))
+        mean = x.mean(dim=dims).reshape(self.bias.shape)
+        std = x.std(dim=dims, correction=0).reshape(self.bias.shape)
         self.bias.copy_(-mean)
         self.log_scale.copy_(-(std + self.eps).log())
         self.initialized.fill_(True)
 
+    def _shaped(self, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        # Parameters are stored (1, C, 1, 1); a vector batch needs them (1, C).
+        shape = (1, self.channels, *([1] * (x.dim() - 2)))
+        return self.bias.to(dtype).reshape(shape), self.log_scale.to(dtype).reshape(shape)
+
     def _logdet(self, x: Tensor) -> Tensor:
-        total = x.shape[2] * x.shape[3] * self.log_scale.sum()
+        total = positions(x) * self.log_scale.sum()
         return total.to(dtype=x.dtype, device=x.device).expand(x.shape[0]).clone()
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -100,13 +110,14 @@ class ActNorm(InvertibleModule):
             ShapeError: If ``x`` is not ``(B, C, H, W)`` with the module's ``C``.
             AutoflowError: If ``x``'s dtype differs from the parameters'.
         """
-        check_image(x, self.channels, self)
+        check_features(x, self.channels, self)
         dtype = check_dtype(x, self.log_scale, self)
         with exact(x):
             x = x.to(dtype)
             if self.training and not bool(self.initialized):
                 self.initialize(x)
-            y = (x + self.bias.to(dtype)) * self.log_scale.to(dtype).exp()
+            bias, log_scale = self._shaped(x, dtype)
+            y = (x + bias) * log_scale.exp()
             return y, self._logdet(x)
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -122,15 +133,16 @@ class ActNorm(InvertibleModule):
             ShapeError: If ``y`` is not ``(B, C, H, W)`` with the module's ``C``.
             AutoflowError: If ``y``'s dtype differs from the parameters'.
         """
-        check_image(y, self.channels, self)
+        check_features(y, self.channels, self)
         dtype = check_dtype(y, self.log_scale, self)
         with exact(y):
             y = y.to(dtype)
-            x = y * (-self.log_scale.to(dtype)).exp() - self.bias.to(dtype)
+            bias, log_scale = self._shaped(y, dtype)
+            x = y * (-log_scale).exp() - bias
             return x, -self._logdet(y)
 
     def output_shape(self, input_shape: Shape) -> Shape:
-        return check_image_shape(input_shape, self.channels, self)
+        return check_features_shape(input_shape, self.channels, self)
 
     def input_shape(self, output_shape: Shape) -> Shape:
-        return check_image_shape(output_shape, self.channels, self)
+        return check_features_shape(output_shape, self.channels, self)

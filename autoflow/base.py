@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -265,6 +266,51 @@ def check_image(x: Tensor, channels: int | None, module: nn.Module, name: str = 
             f"{type(module).__name__} expected {channels} channels in its {name}, "
             f"received {x.shape[1]} (shape {tuple(x.shape)})"
         )
+
+
+def check_features(x: Tensor, channels: int | None, module: nn.Module,
+                   name: str = "input") -> None:
+    """Check that ``x`` is a floating ``(B, channels)`` vector batch or ``(B, channels, H, W)``
+    image batch, naming ``module``: the states of modules that act per position on channels.
+
+    Raises:
+        ShapeError: For a non-tensor or a wrong shape.
+        AutoflowError: For a tensor that is not floating-point (see :func:`check_floating`).
+    """
+    if not isinstance(x, Tensor):
+        raise ShapeError(
+            f"{type(module).__name__} expected a tensor {name}, received {type(x).__name__}"
+        )
+    check_floating(x, module, name)
+    if x.dim() not in (2, 4):
+        raise ShapeError(
+            f"{type(module).__name__} expected a 4-D {name} (B, C, H, W) or a 2-D {name} "
+            f"(B, C) of vectors, received shape {tuple(x.shape)}"
+        )
+    if channels is not None and x.shape[1] != channels:
+        raise ShapeError(
+            f"{type(module).__name__} expected {channels} channels in its {name}, "
+            f"received {x.shape[1]} (shape {tuple(x.shape)})"
+        )
+
+
+def check_features_shape(shape: Shape, channels: int | None, module: nn.Module
+                         ) -> tuple[int, ...]:
+    """Shape-level counterpart of :func:`check_features`: ``(C,)`` or ``(C, H, W)``."""
+    if len(shape) not in (1, 3) or not all(isinstance(s, int) for s in shape):
+        raise ShapeError(
+            f"{type(module).__name__} expected a (C,) or (C, H, W) shape, received {shape}"
+        )
+    if channels is not None and shape[0] != channels:
+        raise ShapeError(
+            f"{type(module).__name__} expected {channels} channels, received shape {shape}"
+        )
+    return tuple(shape)  # type: ignore[return-value]
+
+
+def positions(x: Tensor) -> int:
+    """Positions per sample that a per-position map acts on: ``H W``, or 1 for vectors."""
+    return math.prod(x.shape[2:])
 
 
 def check_image_shape(shape: Shape, channels: int | None, module: nn.Module) -> tuple[int, ...]:

@@ -29,10 +29,13 @@ from .base import (
     Shape,
     check_bool,
     check_dtype,
+    check_features,
+    check_features_shape,
     check_image,
     check_image_shape,
     check_int,
     exact,
+    positions,
 )
 from .errors import AutoflowError
 
@@ -41,6 +44,13 @@ __all__ = ["InvConv1x1", "LiftingConv1x1"]
 
 def _per_sample(value: Tensor, x: Tensor) -> Tensor:
     return value.to(dtype=x.dtype, device=x.device).expand(x.shape[0]).clone()
+
+
+def _apply(x: Tensor, matrix: Tensor) -> Tensor:
+    """``matrix`` at every position: a 1x1 convolution of images, a linear map of vectors."""
+    if x.dim() == 2:
+        return F.linear(x, matrix)
+    return F.conv2d(x, matrix[:, :, None, None])
 
 
 def _seeded_generator() -> torch.Generator:
@@ -52,6 +62,8 @@ def _seeded_generator() -> torch.Generator:
 
 class InvConv1x1(InvertibleModule):
     """Invertible 1x1 convolution with a PLU-parametrised weight.
+
+    On ``(B, C)`` vectors it is the LU linear layer ``y = A x`` (log-det ``sum(s)``).
 
     Initialised from the LU factorisation of a random orthogonal matrix drawn from a local
     generator seeded from torch's global RNG (``torch.manual_seed`` makes it repeatable).
@@ -130,7 +142,7 @@ class InvConv1x1(InvertibleModule):
         return torch.linalg.solve_triangular(upper, z, upper=True)
 
     def _logdet(self, x: Tensor) -> Tensor:
-        return _per_sample(x.shape[2] * x.shape[3] * self.effective_log_scale().sum(), x)
+        return _per_sample(positions(x) * self.effective_log_scale().sum(), x)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Apply ``A`` at every pixel.
@@ -146,11 +158,11 @@ class InvConv1x1(InvertibleModule):
             ShapeError: If ``x`` is not ``(B, C, H, W)`` with the module's ``C``.
             AutoflowError: If ``x``'s dtype differs from the parameters'.
         """
-        check_image(x, self.channels, self)
+        check_features(x, self.channels, self)
         dtype = check_dtype(x, self.log_scale, self, "input")
         with exact(x):
             x = x.to(dtype)
-            y = F.conv2d(x, self.weight().to(dtype)[:, :, None, None])
+            y = _apply(x, self.weight().to(dtype))
             return y, self._logdet(x)
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -166,18 +178,18 @@ class InvConv1x1(InvertibleModule):
             ShapeError: If ``y`` is not ``(B, C, H, W)`` with the module's ``C``.
             AutoflowError: If ``y``'s dtype differs from the parameters'.
         """
-        check_image(y, self.channels, self)
+        check_features(y, self.channels, self)
         dtype = check_dtype(y, self.log_scale, self, "input")
         with exact(y):
             y = y.to(dtype)
-            x = F.conv2d(y, self.inverse_weight().to(dtype)[:, :, None, None])
+            x = _apply(y, self.inverse_weight().to(dtype))
             return x, -self._logdet(y)
 
     def output_shape(self, input_shape: Shape) -> Shape:
-        return check_image_shape(input_shape, self.channels, self)
+        return check_features_shape(input_shape, self.channels, self)
 
     def input_shape(self, output_shape: Shape) -> Shape:
-        return check_image_shape(output_shape, self.channels, self)
+        return check_features_shape(output_shape, self.channels, self)
 
 
 class LiftingConv1x1(InvertibleModule):

@@ -37,9 +37,9 @@ from .base import (
     Shape,
     State,
     check_bool,
+    check_features,
+    check_features_shape,
     check_floating,
-    check_image,
-    check_image_shape,
     check_int,
 )
 from .errors import AutoflowError, ShapeError
@@ -79,7 +79,9 @@ def make_conditioner(
         bias: Give both convolutions a bias (the PyramidFlow public code uses none).
 
     Returns:
-        An ``nn.Sequential`` mapping ``(B, in, H, W)`` to ``(B, out, H, W)``.
+        An ``nn.Sequential`` mapping ``(B, in, H, W)`` to ``(B, out, H, W)``, and ``(B, in)``
+        vectors to ``(B, out)`` (as 1×1 images: with ``kernel_size=1`` it is the MLP
+        Linear -> LeakyReLU -> Linear; a larger kernel uses only its centre taps there).
 
     Raises:
         AutoflowError: If a channel count is not a positive int or ``kernel_size`` is not a
@@ -107,11 +109,20 @@ def make_conditioner(
     nn.init.zeros_(last.weight)
     if bias:
         nn.init.zeros_(last.bias)
-    return nn.Sequential(
+    return _Conditioner(
         nn.Conv2d(in_channels, hidden_channels, kernel_size, padding=padding, bias=bias),
         nn.LeakyReLU(),
         last,
     )
+
+
+class _Conditioner(nn.Sequential):
+    """The default conditioner; a ``(B, C)`` vector batch runs through it as 1×1 images."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2:
+            return super().forward(x[:, :, None, None]).flatten(1)
+        return super().forward(x)
 
 
 CLAMP_KINDS = ("tanh", "atan")
@@ -391,6 +402,12 @@ class Coupling(InvertibleModule):
             return None, out
         s, t = out.chunk(2, dim=1)
         s = soft_clamp(s, self.clamp, self.clamp_kind)
+        if self.volume_norm is not None and s.dim() != 4:
+            raise ShapeError(
+                f"{type(self).__name__} volume_norm normalises (B, C, H, W) log-scales, "
+                f"received a state of shape {tuple(target.shape)}; build it with "
+                "volume_norm=None for vector data"
+            )
         if self.volume_norm is not None:
             s = self.volume_norm(s, update=update)
         return s, t
@@ -476,7 +493,8 @@ class Coupling(InvertibleModule):
 
 
 class _ChannelCoupling(Coupling):
-    """Couplings on a (B, C, H, W) tensor split into the first C // 2 channels and the rest."""
+    """Couplings on (B, C, H, W) or (B, C) tensors split into the first C // 2 channels and
+    the rest."""
 
     def __init__(
         self,
@@ -518,7 +536,7 @@ class _ChannelCoupling(Coupling):
         return f"channels={self.channels}{context}"
 
     def _split(self, state: State) -> tuple[list[Tensor], Tensor]:
-        check_image(state, self.channels, self)
+        check_features(state, self.channels, self)
         return [state[:, : self.kept_channels]], state[:, self.kept_channels :]
 
     def _merge(self, kept: Sequence[Tensor], target: Tensor) -> Tensor:
@@ -528,16 +546,20 @@ class _ChannelCoupling(Coupling):
         return kept[0]
 
     def output_shape(self, input_shape: Shape) -> Shape:
-        """``input_shape`` itself, after checking it is ``(channels, H, W)``."""
-        return check_image_shape(input_shape, self.channels, self)
+        """``input_shape`` itself, after checking it is ``(channels, H, W)`` or ``(channels,)``."""
+        return check_features_shape(input_shape, self.channels, self)
 
     def input_shape(self, output_shape: Shape) -> Shape:
-        """``output_shape`` itself, after checking it is ``(channels, H, W)``."""
-        return check_image_shape(output_shape, self.channels, self)
+        """``output_shape`` itself, after checking it is ``(channels, H, W)`` or ``(channels,)``."""
+        return check_features_shape(output_shape, self.channels, self)
 
 
 class AffineCoupling(_ChannelCoupling):
-    """RealNVP affine coupling (eqs. 3-5) on ``(B, channels, H, W)`` tensors.
+    """RealNVP affine coupling (eqs. 3-5) on ``(B, channels, H, W)`` or ``(B, channels)``.
+
+    Vector data ``(B, D)`` goes in as it is: the default conditioner then runs as an MLP
+    (pass ``kernel_size=1``, or only the centre taps of its kernels are used); a custom
+    conditioner receives ``(B, D // 2)`` and returns ``(B, 2 * (D - D // 2))``.
 
     ``x0`` is the first ``channels // 2`` channels, ``x1`` the rest; ``s, t`` are the two
     halves of ``conditioner(x0)``, ``s`` soft-clamped to ``(-clamp, clamp)`` and then

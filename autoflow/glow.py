@@ -57,8 +57,8 @@ def glow(
         depth_per_level: Flow steps ``K`` per level.
         hidden_channels: Hidden width of every coupling conditioner (and split prior).
         downsample: ``"squeeze"`` (space-to-depth), ``"haar"`` (orthonormal Haar) or ``None``
-            (no downsampling: a single-scale stack when ``levels=1``, e.g. for 2-D data stored as
-            ``(B, 2, 1, 1)``).
+            (no downsampling: a single-scale stack when ``levels=1``, e.g. for vector data
+            ``(B, D)``, with ``kernel_size=1`` so the conditioners are MLPs).
         mixing: ``"conv1x1"`` (learned PLU 1x1 convolution, Glow) or ``"permute"`` (fixed random
             channel permutation, RealNVP-style).
         learned_prior: Give each split Glow's learned prior (as a whitening bijection).

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import InvertibleModule, Shape, check_image, check_image_shape, check_int
+from .base import InvertibleModule, Shape, check_features, check_features_shape, check_int
 from .errors import AutoflowError
 
 __all__ = ["Permute"]
@@ -61,12 +61,12 @@ class Permute(InvertibleModule):
         return f"{self.channels}, kind={self.kind!r}"
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Permute the channels of ``x`` of shape ``(B, C, H, W)``; log-det zeros ``(B,)``.
+        """Permute the channels of ``x`` (``(B, C, H, W)`` or ``(B, C)``); log-det zeros ``(B,)``.
 
         Raises:
             ShapeError: If ``x`` is not ``(B, C, H, W)`` with the module's ``C``.
         """
-        check_image(x, self.channels, self)
+        check_features(x, self.channels, self)
         return x[:, self.perm], x.new_zeros(x.shape[0])
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -75,11 +75,11 @@ class Permute(InvertibleModule):
         Raises:
             ShapeError: If ``y`` is not ``(B, C, H, W)`` with the module's ``C``.
         """
-        check_image(y, self.channels, self)
+        check_features(y, self.channels, self)
         return y[:, self.inverse_perm], y.new_zeros(y.shape[0])
 
     def output_shape(self, input_shape: Shape) -> Shape:
-        return check_image_shape(input_shape, self.channels, self)
+        return check_features_shape(input_shape, self.channels, self)
 
     def input_shape(self, output_shape: Shape) -> Shape:
-        return check_image_shape(output_shape, self.channels, self)
+        return check_features_shape(output_shape, self.channels, self)

@@ -249,7 +249,8 @@ def test_make_conditioner_zero_initialises_the_last_layer():
     ("x", "match"),
     [
         (torch.zeros(2, 3, 4, 4), r"expected 4 channels in its input, received 3"),
-        (torch.zeros(4, 4, 4), r"expected a 4-D input \(B, C, H, W\), received shape \(4, 4, 4\)"),
+        (torch.zeros(4, 4, 4), r"expected a 4-D input \(B, C, H, W\) or a 2-D input "
+                               r"\(B, C\) of vectors, received shape \(4, 4, 4\)"),
         ((torch.zeros(1, 4, 2, 2),), "expected a tensor input, received tuple"),
     ],
 )

@@ -25,6 +25,7 @@ __all__ = [
     "pyramid_states",
     "states",
     "tensor_of",
+    "vector_states",
 ]
 
 
@@ -168,3 +169,18 @@ def conditional_states(
     c = draw(contexts(x.shape[0], context_channels, dtype=x.dtype, spatial=spatial,
                       max_size=max_size))
     return x, c
+
+
+@st.composite
+def vector_states(
+    draw: st.DrawFn,
+    features: int | st.SearchStrategy[int] = st.integers(1, 6),
+    *,
+    batch: st.SearchStrategy[int] | None = None,
+    dtype: st.SearchStrategy[torch.dtype] | None = None,
+) -> Tensor:
+    """Random ``(B, D)`` vector batches (tabular data) with drawn ``D``, batch size and dtype."""
+    d = draw(_ints(features))
+    b = draw(batch if batch is not None else batch_sizes())
+    kind = draw(dtype if dtype is not None else dtypes())
+    return tensor_of((b, d), kind, draw(st.integers(0, 2**31 - 1)))
