@@ -251,21 +251,7 @@ def check_image(x: Tensor, channels: int | None, module: nn.Module, name: str = 
         ShapeError: For a non-tensor or a wrong shape.
         AutoflowError: For a tensor that is not floating-point (see :func:`check_floating`).
     """
-    if not isinstance(x, Tensor):
-        raise ShapeError(
-            f"{type(module).__name__} expected a tensor {name}, received {type(x).__name__}"
-        )
-    check_floating(x, module, name)
-    if x.dim() != 4:
-        raise ShapeError(
-            f"{type(module).__name__} expected a 4-D {name} (B, C, H, W), "
-            f"received shape {tuple(x.shape)}"
-        )
-    if channels is not None and x.shape[1] != channels:
-        raise ShapeError(
-            f"{type(module).__name__} expected {channels} channels in its {name}, "
-            f"received {x.shape[1]} (shape {tuple(x.shape)})"
-        )
+    _check_channel_tensor(x, channels, module, name, (4,), f"a 4-D {name} (B, C, H, W)")
 
 
 def check_features(x: Tensor, channels: int | None, module: nn.Module,
@@ -277,15 +263,22 @@ def check_features(x: Tensor, channels: int | None, module: nn.Module,
         ShapeError: For a non-tensor or a wrong shape.
         AutoflowError: For a tensor that is not floating-point (see :func:`check_floating`).
     """
+    _check_channel_tensor(x, channels, module, name, (2, 4),
+                          f"a 4-D {name} (B, C, H, W) or a 2-D {name} (B, C) of vectors")
+
+
+def _check_channel_tensor(x: Tensor, channels: int | None, module: nn.Module, name: str,
+                          ranks: tuple[int, ...], expected: str) -> None:
+    """The checks of :func:`check_image` and :func:`check_features`: a floating tensor of one
+    of ``ranks`` dimensions (``expected`` says which) with ``channels`` in dimension 1."""
     if not isinstance(x, Tensor):
         raise ShapeError(
             f"{type(module).__name__} expected a tensor {name}, received {type(x).__name__}"
         )
     check_floating(x, module, name)
-    if x.dim() not in (2, 4):
+    if x.dim() not in ranks:
         raise ShapeError(
-            f"{type(module).__name__} expected a 4-D {name} (B, C, H, W) or a 2-D {name} "
-            f"(B, C) of vectors, received shape {tuple(x.shape)}"
+            f"{type(module).__name__} expected {expected}, received shape {tuple(x.shape)}"
         )
     if channels is not None and x.shape[1] != channels:
         raise ShapeError(
