@@ -27,12 +27,7 @@ from toys import Flip, perturb
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def coupling(kind: str, channels: int, context_channels: int, seed: int = 0) -> nn.Module:

@@ -27,14 +27,7 @@ from toys import perturb
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tensors are tiny: a second intra-op thread gains nothing, and on a busy machine its
-    # OpenMP barrier waits turned a 0.6 s test into 14 s.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_2d_flow(seed: int = 2, scale: float = 0.2) -> Flow:
