@@ -10,7 +10,10 @@
 with a frozen permutation ``P``, a unit lower-triangular ``L``, a strictly upper-triangular
 ``U``, a frozen sign vector ``sigma`` and a learnt log-scale ``s``. Applied at every pixel of a
 ``(B, C, H, W)`` input its log-det is ``H * W * sum(s)`` per sample. With volume normalisation
-``s`` is replaced by ``s - mean(s)`` and the map preserves volume.
+``s`` is replaced by ``s - mean(s)`` and the map preserves volume. With ``lu=False`` the matrix
+``A`` itself is the parameter (Glow's plain variant, initialised orthogonal), its log-det
+``H * W * log|det A|`` from ``torch.linalg.slogdet``; volume normalisation then uses
+``A / |det A|^{1/C}``.
 
 :class:`LiftingConv1x1` embeds ``C_in`` channels into ``C >= C_in`` with ``W in R^{C x C_in}``
 (the paper's ``x = W I``): ``(B, C_in, H, W) -> (B, C, H, W)``. It is injective, not bijective;
@@ -61,7 +64,7 @@ def _seeded_generator() -> torch.Generator:
 
 
 class InvConv1x1(InvertibleModule):
-    """Invertible 1x1 convolution with a PLU-parametrised weight.
+    """Invertible 1x1 convolution with a PLU-parametrised weight, or a plain one.
 
     On ``(B, C)`` vectors it is the LU linear layer ``y = A x`` (log-det ``sum(s)``).
 
@@ -73,13 +76,21 @@ class InvConv1x1(InvertibleModule):
     (cheap, exact up to rounding) and applies ``A^{-1}`` as a 1x1 convolution, which costs the
     same as the forward pass and stays in the input's dtype.
 
+    **Plain variant** (``lu=False``): the parameter is the ``C x C`` matrix ``A`` itself,
+    initialised to the same random orthogonal matrix; the log-det is
+    ``H W log|det A|`` (``torch.linalg.slogdet``, ``O(C^3)`` per call) and the inverse uses
+    ``torch.linalg.inv(A)``. Nothing keeps ``A`` invertible during training: a singular ``A``
+    gives a log-det of ``-inf``. With ``volume_norm`` the matrix applied is
+    ``A / |det A|^{1/C}``, whose log-det is zero.
+
     Args:
         channels: Number of channels ``C``.
-        volume_norm: Use ``s - mean(s)`` as the log-scale so the log-det is zero (the module is
-            then ``volume_preserving``).
+        volume_norm: Use ``s - mean(s)`` as the log-scale (``A / |det A|^{1/C}`` when
+            ``lu=False``) so the log-det is zero (the module is then ``volume_preserving``).
+        lu: Parametrise ``A`` in PLU form (default); ``False`` learns ``A`` directly.
 
     Raises:
-        AutoflowError: If ``channels`` is not a positive int.
+        AutoflowError: If ``channels`` is not a positive int, or a switch is not a bool.
 
     Example:
         >>> import torch, autoflow
@@ -89,6 +100,9 @@ class InvConv1x1(InvertibleModule):
         >>> x_back, logdet_inv = conv.inverse(y)
         >>> bool(torch.allclose(x, x_back, atol=1e-5)), tuple(logdet.shape)
         (True, (2,))
+        >>> plain = autoflow.InvConv1x1(4, lu=False)  # A learnt as it is
+        >>> tuple(plain.matrix.shape), round(plain(x)[1][0].item(), 4)  # orthogonal at init
+        ((4, 4), 0.0)
     """
 
     perm: Tensor
@@ -96,14 +110,18 @@ class InvConv1x1(InvertibleModule):
     lower_mask: Tensor
     upper_mask: Tensor
 
-    def __init__(self, channels: int, *, volume_norm: bool = False) -> None:
+    def __init__(self, channels: int, *, volume_norm: bool = False, lu: bool = True) -> None:
         super().__init__()
         self.channels = check_int(channels, "channels", "InvConv1x1")
         # A mode string such as "none" would otherwise read as True.
         self.volume_norm = check_bool(volume_norm, "volume_norm", "InvConv1x1")
+        self.lu = check_bool(lu, "lu", "InvConv1x1")
         self.volume_preserving = self.volume_norm
         generator = _seeded_generator()
         q, _ = torch.linalg.qr(torch.randn(channels, channels, generator=generator))
+        if not lu:
+            self.matrix = nn.Parameter(q)
+            return
         p, lower, upper = torch.linalg.lu(q)
         diag = upper.diagonal()
         self.register_buffer("perm", p)
@@ -115,10 +133,24 @@ class InvConv1x1(InvertibleModule):
         self.log_scale = nn.Parameter(diag.abs().log())
 
     def extra_repr(self) -> str:
-        return f"{self.channels}, volume_norm={self.volume_norm}"
+        return f"{self.channels}, volume_norm={self.volume_norm}" + (
+            "" if self.lu else ", lu=False")
+
+    def _parameter(self) -> Tensor:
+        """A parameter giving the module's dtype and device."""
+        return self.log_scale if self.lu else self.matrix
 
     def effective_log_scale(self) -> Tensor:
-        """The log-scale ``s`` in use (centred when ``volume_norm`` is set), shape ``(C,)``."""
+        """The log-scale ``s`` in use (centred when ``volume_norm`` is set), shape ``(C,)``.
+
+        Raises:
+            AutoflowError: For ``lu=False``, which has no log-scale (its log-det is
+                ``log|det A|``, see :meth:`log_abs_det`).
+        """
+        if not self.lu:
+            raise AutoflowError(
+                "InvConv1x1(lu=False) has no LU log-scale; log_abs_det() gives log|det A|"
+            )
         s = self.log_scale
         return s - s.mean() if self.volume_norm else s
 
@@ -130,19 +162,40 @@ class InvConv1x1(InvertibleModule):
         )
         return lower, upper
 
+    def log_abs_det(self) -> Tensor:
+        """``log|det A|`` of the matrix applied at each position, a scalar: ``sum(s)``, or
+        ``torch.linalg.slogdet`` of ``A`` when ``lu=False`` (zero with ``volume_norm``)."""
+        if self.lu:
+            return self.effective_log_scale().sum()
+        if self.volume_norm:
+            return self.matrix.new_zeros(())
+        return torch.linalg.slogdet(self.matrix).logabsdet
+
     def weight(self) -> Tensor:
-        """The ``(C, C)`` matrix ``A = P L (U + diag(sign * exp(s)))``."""
+        """The ``(C, C)`` matrix ``A = P L (U + diag(sign * exp(s)))`` (``lu=False``: ``A``,
+        divided by ``|det A|^{1/C}`` with ``volume_norm``)."""
+        if not self.lu:
+            return self._plain_weight()
         lower, upper = self._factors()
         return self.perm @ lower @ upper
 
+    def _plain_weight(self) -> Tensor:
+        if not self.volume_norm:
+            return self.matrix
+        logabsdet = torch.linalg.slogdet(self.matrix).logabsdet
+        return self.matrix * torch.exp(-logabsdet / self.channels)
+
     def inverse_weight(self) -> Tensor:
-        """``A^{-1} = (U + diag)^{-1} L^{-1} P^T`` from two triangular solves, shape ``(C, C)``."""
+        """``A^{-1} = (U + diag)^{-1} L^{-1} P^T`` from two triangular solves, shape ``(C, C)``
+        (``lu=False``: ``torch.linalg.inv`` of :meth:`weight`)."""
+        if not self.lu:
+            return torch.linalg.inv(self._plain_weight())
         lower, upper = self._factors()
         z = torch.linalg.solve_triangular(lower, self.perm.T, upper=False, unitriangular=True)
         return torch.linalg.solve_triangular(upper, z, upper=True)
 
     def _logdet(self, x: Tensor) -> Tensor:
-        return _per_sample(positions(x) * self.effective_log_scale().sum(), x)
+        return _per_sample(positions(x) * self.log_abs_det(), x)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Apply ``A`` at every pixel.
@@ -151,15 +204,15 @@ class InvConv1x1(InvertibleModule):
             x: Input of shape ``(B, C, H, W)`` in the module's dtype.
 
         Returns:
-            ``(y, logdet)`` with ``y`` shaped like ``x`` and ``logdet = H W sum(s)`` of shape
-            ``(B,)``.
+            ``(y, logdet)`` with ``y`` shaped like ``x`` and ``logdet = H W sum(s)``
+            (``H W log|det A|``) of shape ``(B,)``.
 
         Raises:
             ShapeError: If ``x`` is not ``(B, C, H, W)`` with the module's ``C``.
             AutoflowError: If ``x``'s dtype differs from the parameters'.
         """
         check_features(x, self.channels, self)
-        dtype = check_dtype(x, self.log_scale, self, "input")
+        dtype = check_dtype(x, self._parameter(), self, "input")
         with exact(x):
             x = x.to(dtype)
             y = _apply(x, self.weight().to(dtype))
@@ -172,14 +225,15 @@ class InvConv1x1(InvertibleModule):
             y: Output-side tensor of shape ``(B, C, H, W)``.
 
         Returns:
-            ``(x, logdet_inv)`` with ``logdet_inv = -H W sum(s)`` of shape ``(B,)``.
+            ``(x, logdet_inv)`` with ``logdet_inv = -H W sum(s)`` (``-H W log|det A|``) of
+            shape ``(B,)``.
 
         Raises:
             ShapeError: If ``y`` is not ``(B, C, H, W)`` with the module's ``C``.
             AutoflowError: If ``y``'s dtype differs from the parameters'.
         """
         check_features(y, self.channels, self)
-        dtype = check_dtype(y, self.log_scale, self, "input")
+        dtype = check_dtype(y, self._parameter(), self, "input")
         with exact(y):
             y = y.to(dtype)
             x = _apply(y, self.inverse_weight().to(dtype))

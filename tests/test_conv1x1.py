@@ -10,7 +10,11 @@ from hypothesis import strategies as st
 from autoflow.base import require_bijective
 from autoflow.conv1x1 import InvConv1x1, LiftingConv1x1
 from autoflow.errors import AutoflowError, NotBijectiveError, ShapeError
-from autoflow.testing import assert_invertible, assert_logdet_matches_jacobian
+from autoflow.testing import (
+    assert_engine_gradients_match,
+    assert_invertible,
+    assert_logdet_matches_jacobian,
+)
 from autoflow.testing import strategies as afs
 
 seeds = st.integers(0, 2**31 - 1)
@@ -153,6 +157,84 @@ def test_invconv_shape_methods() -> None:
     assert conv.output_shape((3, 5, 7)) == (3, 5, 7) == conv.input_shape((3, 5, 7))
     with pytest.raises(ShapeError, match="expected 3 channels"):
         conv.output_shape((2, 5, 7))
+
+
+# ---------------------------------------------------------------- InvConv1x1(lu=False)
+
+
+@fast
+@given(x=afs.states(channels=st.integers(1, 4), max_size=4), seed=seeds, vn=st.booleans())
+def test_plain_invconv_round_trip(x: torch.Tensor, seed: int, vn: bool) -> None:
+    assert_invertible(make_conv(x.shape[1], seed, x.dtype, volume_norm=vn, lu=False), x)
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    x=afs.states(channels=st.integers(1, 3), max_size=3, dtype=afs.dtypes(torch.float64)),
+    seed=seeds,
+    vn=st.booleans(),
+)
+def test_plain_invconv_logdet_matches_jacobian_and_engine(x: torch.Tensor, seed: int,
+                                                         vn: bool) -> None:
+    conv = make_conv(x.shape[1], seed, x.dtype, volume_norm=vn, lu=False)
+    assert_logdet_matches_jacobian(conv, x)
+    assert_engine_gradients_match(conv, x)
+
+
+@settings(max_examples=10, deadline=None)
+@given(x=afs.vector_states(st.integers(1, 5), dtype=afs.dtypes(torch.float64)), seed=seeds)
+def test_plain_invconv_on_vectors_passes_the_kit(x: torch.Tensor, seed: int) -> None:
+    conv = make_conv(x.shape[1], seed, x.dtype, lu=False)
+    assert_invertible(conv, x)
+    assert_logdet_matches_jacobian(conv, x)
+    assert_engine_gradients_match(conv, x, inverse=True)
+
+
+def test_plain_invconv_is_the_matrix_with_slogdet() -> None:
+    torch.manual_seed(3)
+    conv = perturbed(InvConv1x1(4, lu=False), 0).double()
+    assert set(dict(conv.named_parameters())) == {"matrix"} and not list(conv.buffers())
+    x = torch.randn(2, 4, 3, 5, dtype=torch.float64)
+    y, logdet = conv(x)
+    matrix = conv.matrix.detach()
+    torch.testing.assert_close(y, torch.einsum("ij,bjhw->bihw", matrix, x))
+    expected = 15 * torch.linalg.slogdet(matrix).logabsdet
+    torch.testing.assert_close(logdet, expected.expand(2), rtol=1e-12, atol=1e-12)
+    assert abs(expected.item()) > 0.1  # perturbed off the orthogonal start
+    assert "lu=False" in repr(conv) and "lu=False" not in repr(InvConv1x1(4))
+
+
+def test_plain_invconv_starts_orthogonal_and_repeatable_under_manual_seed() -> None:
+    torch.manual_seed(3)
+    a = InvConv1x1(5, lu=False)
+    torch.manual_seed(3)
+    b = InvConv1x1(5)
+    w = a.weight().detach()
+    torch.testing.assert_close(w @ w.T, torch.eye(5), rtol=0, atol=1e-5)
+    torch.testing.assert_close(w, b.weight().detach(), rtol=0, atol=1e-5)  # same draw as LU
+    _, logdet = a(torch.randn(2, 5, 2, 2))
+    assert logdet.abs().max() < 1e-4
+
+
+def test_plain_invconv_volume_norm_has_zero_logdet() -> None:
+    conv = perturbed(InvConv1x1(3, lu=False, volume_norm=True), 0).double()
+    assert conv.volume_preserving
+    assert abs(torch.linalg.slogdet(conv.weight().detach()).logabsdet.item()) < 1e-12
+    _, logdet = conv(torch.randn(2, 3, 2, 2, dtype=torch.float64))
+    assert torch.equal(logdet, torch.zeros(2, dtype=torch.float64))
+
+
+def test_plain_invconv_has_no_lu_log_scale_and_lu_is_a_bool() -> None:
+    with pytest.raises(AutoflowError, match=r"lu=False\) has no LU log-scale"):
+        InvConv1x1(3, lu=False).effective_log_scale()
+    for value in ("no", 0, None):
+        with pytest.raises(AutoflowError, match=f"InvConv1x1 lu must be a bool, received "
+                                                f"{value!r}"):
+            InvConv1x1(3, lu=value)  # type: ignore[arg-type]
+    default = InvConv1x1(3)
+    assert default.lu and {"lower", "upper", "log_scale"} <= set(dict(default.named_parameters()))
+    with pytest.raises(AutoflowError, match="torch.float32.*float64"):
+        InvConv1x1(3, lu=False)(torch.randn(1, 3, 2, 2, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------- LiftingConv1x1
