@@ -3,13 +3,15 @@
 For ``levels = L`` and ``depth_per_level = K``, level ``l`` applies::
 
     downsample                 (B, C, H, W) -> (B, 4C, H/2, W/2)   Squeeze or HaarDownsample
-    K x [ActNorm, InvConv1x1 (or Permute), AffineCoupling]         shape unchanged
+    K x [ActNorm, InvConv1x1 (or Permute), coupling]               shape unchanged
     Split                      keeps 2C channels, factors out 2C   (all levels but the last)
 
 so a ``(B, C, H, W)`` input ends as the latent state ``(h_L, z_1, ..., z_{L-1})`` with
 ``h_L: (B, 2^(2L-1) C, H/2^L, W/2^L)`` and ``z_l: (B, 2^(2l-1) C, H/2^l, W/2^l)`` (for even
-channel counts). After the first split every module is wrapped in :class:`~autoflow.OnFirst` so
-it acts on ``h`` and carries the latents (see :mod:`autoflow.split`); the chain stays one flat
+channel counts); the coupling is an :class:`~autoflow.AffineCoupling` (Glow), an
+:class:`~autoflow.AdditiveCoupling` or a :class:`~autoflow.SplineCoupling`. After the first
+split every module is wrapped in :class:`~autoflow.OnFirst` so it acts on ``h`` and carries
+the latents (see :mod:`autoflow.split`); the chain stays one flat
 :class:`~autoflow.Sequential`, so the memory-saving engine covers all of it.
 """
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 from .actnorm import ActNorm
 from .base import InvertibleModule, check_bool, check_int
 from .conv1x1 import InvConv1x1
-from .coupling import AffineCoupling
+from .coupling import AdditiveCoupling, AffineCoupling, SplineCoupling
 from .errors import AutoflowError
 from .on_first import OnFirst
 from .permute import Permute
@@ -30,6 +32,7 @@ __all__ = ["glow"]
 
 _DOWNSAMPLE = {"squeeze": Squeeze, "haar": HaarDownsample, None: None}
 _MIXING = ("conv1x1", "permute")
+_COUPLINGS = ("affine", "additive", "spline")
 
 
 def glow(
@@ -40,6 +43,7 @@ def glow(
     hidden_channels: int = 64,
     downsample: str | None = "squeeze",
     mixing: str = "conv1x1",
+    coupling: str = "affine",
     learned_prior: bool = True,
     kernel_size: int = 3,
     clamp: float = 2.0,
@@ -61,9 +65,13 @@ def glow(
             ``(B, D)``, with ``kernel_size=1`` so the conditioners are MLPs).
         mixing: ``"conv1x1"`` (learned PLU 1x1 convolution, Glow) or ``"permute"`` (fixed random
             channel permutation, RealNVP-style).
+        coupling: ``"affine"`` (:class:`~autoflow.AffineCoupling`, Glow), ``"additive"``
+            (:class:`~autoflow.AdditiveCoupling`, NICE; volume preserving) or ``"spline"``
+            (:class:`~autoflow.SplineCoupling` with its default 8 bins and tail bound 3).
         learned_prior: Give each split Glow's learned prior (as a whitening bijection).
         kernel_size: Odd kernel size of the conditioners.
-        clamp: Soft-clamp bound of the coupling log-scales.
+        clamp: Soft-clamp bound of the coupling log-scales (and of the split priors');
+            only the affine couplings and the priors have one.
         memory_saving: Train through the memory-saving engine.
         anchor_every: Engine option, see :class:`~autoflow.Sequential`.
         context_channels: Channels ``K`` of a context to condition on (``0``: none): every
@@ -100,6 +108,8 @@ def glow(
         )
     if mixing not in _MIXING:
         raise AutoflowError(f"glow expected mixing in {_MIXING}, received {mixing!r}")
+    if not isinstance(coupling, str) or coupling not in _COUPLINGS:
+        raise AutoflowError(f"glow expected coupling in {_COUPLINGS}, received {coupling!r}")
     make_downsample = _DOWNSAMPLE[downsample]
     modules: list[InvertibleModule] = []
     split_seen = False
@@ -119,9 +129,9 @@ def glow(
         for _ in range(depth_per_level):
             add(ActNorm(channels))
             add(InvConv1x1(channels) if mixing == "conv1x1" else Permute(channels))
-            add(AffineCoupling(channels, hidden_channels=hidden_channels,
-                               kernel_size=kernel_size, clamp=clamp,
-                               context_channels=context_channels))
+            add(_coupling(coupling, channels, hidden_channels=hidden_channels,
+                          kernel_size=kernel_size, clamp=clamp,
+                          context_channels=context_channels))
         if level < levels - 1:
             # The split itself takes the tuple state directly: it appends its latent.
             modules.append(Split(channels, learned_prior=learned_prior,
@@ -132,3 +142,12 @@ def glow(
             channels -= channels // 2
     return Sequential(*modules, memory_saving=memory_saving, anchor_every=anchor_every)
 
+
+
+def _coupling(kind: str, channels: int, *, hidden_channels: int, kernel_size: int,
+              clamp: float, context_channels: int) -> InvertibleModule:
+    options = {"hidden_channels": hidden_channels, "kernel_size": kernel_size,
+               "context_channels": context_channels}
+    if kind == "affine":
+        return AffineCoupling(channels, clamp=clamp, **options)
+    return (AdditiveCoupling if kind == "additive" else SplineCoupling)(channels, **options)

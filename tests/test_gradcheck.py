@@ -25,13 +25,17 @@ from autoflow import (
     InvConv1x1,
     LaplacianPyramid,
     LiftingConv1x1,
+    MaskedCoupling,
     OnFirst,
     Permute,
     PyramidCoupling,
     Sequential,
+    SplineCoupling,
+    SplineTransform,
     Split,
     Squeeze,
     VolumeNorm,
+    checkerboard_mask,
 )
 from autoflow.base import flatten_state, pack_like
 
@@ -94,6 +98,14 @@ CASES = [
         AffineCoupling(4, volume_norm="channel")).double(), image),
     ("affine-svn-eval", eval_spatial_coupling, image),
     ("additive", lambda: randomize_conditioner(AdditiveCoupling(4)).double(), image),
+    # bound 1: some elements in the identity tails, most inside the spline.
+    ("spline", lambda: randomize_conditioner(SplineCoupling(
+        4, bins=3, bound=1.0, hidden_channels=2, kernel_size=1)).double(),
+     lambda: image(4, size=3)),
+    ("masked-spline", lambda: randomize_conditioner(MaskedCoupling(
+        2, checkerboard_mask((2, 3, 3)), transform=SplineTransform(2, bound=1.0),
+        hidden_channels=1)).double(), lambda: image(2, size=3)),
+    ("invconv-plain", lambda: InvConv1x1(3, lu=False).double(), lambda: image(3)),
     ("pyramid-coupling", lambda: randomize_conditioner(
         PyramidCoupling(2, target=0, source=1)).double(), levels),
     ("pyramid-coupling-up-cvn", lambda: randomize_conditioner(

@@ -30,6 +30,10 @@ PRIMITIVES: dict[str, Callable[[], autoflow.InvertibleModule]] = {
     "LiftingConv1x1": lambda: autoflow.LiftingConv1x1(CHANNELS),
     "AffineCoupling": lambda: autoflow.AffineCoupling(CHANNELS, hidden_channels=4),
     "AdditiveCoupling": lambda: autoflow.AdditiveCoupling(CHANNELS, hidden_channels=4),
+    "SplineCoupling": lambda: autoflow.SplineCoupling(CHANNELS, hidden_channels=4),
+    "MaskedCoupling": lambda: autoflow.MaskedCoupling(
+        CHANNELS, autoflow.checkerboard_mask((CHANNELS, 8, 8)), hidden_channels=4),
+    "InvConv1x1(lu=False)": lambda: autoflow.InvConv1x1(CHANNELS, lu=False),
     "Permute": lambda: autoflow.Permute(CHANNELS),
     "Squeeze": lambda: autoflow.Squeeze(CHANNELS),
     "HaarDownsample": lambda: autoflow.HaarDownsample(CHANNELS),
@@ -128,6 +132,8 @@ SWITCHES: dict[str, Callable[[object], object]] = {
     "Split learned_prior": lambda v: autoflow.Split(4, learned_prior=v),
     "Coupling additive": lambda v: autoflow.Coupling(make_conditioner(2, 2, 4), additive=v),
     "InvConv1x1 volume_norm": lambda v: autoflow.InvConv1x1(CHANNELS, volume_norm=v),
+    "InvConv1x1 lu": lambda v: autoflow.InvConv1x1(CHANNELS, lu=v),
+    "checkerboard_mask invert": lambda v: autoflow.checkerboard_mask((2,), invert=v),
     "make_conditioner bias": lambda v: make_conditioner(2, 4, 8, bias=v),
     "Flow.sample return_log_prob": lambda v: autoflow.Flow(
         autoflow.ActNorm(2), (2, 1, 1)).sample(2, return_log_prob=v),

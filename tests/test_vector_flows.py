@@ -29,10 +29,12 @@ VECTOR_MODULES = {
     "ActNorm": lambda d: autoflow.ActNorm(d),
     "InvConv1x1": lambda d: autoflow.InvConv1x1(d),
     "InvConv1x1(volume_norm)": lambda d: autoflow.InvConv1x1(d, volume_norm=True),
+    "InvConv1x1(lu=False)": lambda d: autoflow.InvConv1x1(d, lu=False),
     "Permute": lambda d: autoflow.Permute(d),
     "AffineCoupling": lambda d: autoflow.AffineCoupling(d, kernel_size=1),
     "AffineCoupling(k=3)": lambda d: autoflow.AffineCoupling(d, hidden_channels=5),
     "AdditiveCoupling": lambda d: autoflow.AdditiveCoupling(d, kernel_size=1),
+    "SplineCoupling": lambda d: autoflow.SplineCoupling(d, kernel_size=1, bins=4),
 }
 
 
