@@ -22,6 +22,12 @@ masks, device, config, folders writable, a resumed checkpoint) is checked before
 write; a folder that holds a run is refused unless ``--overwrite`` (clear it first) or
 ``--resume`` (continue it); ``config.json``, ``data.json`` and ``model.pt`` are written only
 when training succeeds, and every file atomically (written aside, then renamed).
+
+``train`` also runs as several processes, one DistributedDataParallel replica each:
+``torchrun --nproc-per-node N -m examples.pyramidflow train ...`` (gloo on the CPU, nccl with
+``--device cuda``). ``--batch-size`` is then the global batch, split evenly; the run computes
+what one process computes with that batch, process 0 alone writes the run folder and prints,
+and a check that fails on any process stops all of them (:mod:`.distributed`).
 """
 
 from __future__ import annotations
@@ -43,9 +49,11 @@ from typing import Any
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from . import distributed
 from .config import PRESETS, PyramidFlowConfig, mvtec_defaults
 from .datasets import BTAD, AnomalyImageDataset, ImageFolder, MVTecAD
 from .detector import Detector
+from .distributed import Distributed, PeerError, together
 from .evaluate import collect_maps, metrics_from_maps, results_table, write_results
 from .export import FORMATS, check_onnx, export
 from .files import write_text_atomically
@@ -108,19 +116,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Only this example's loggers: a host application's (or pytest's) logging stays as it is.
     logging.basicConfig(format="%(message)s")
-    logging.getLogger(__package__).setLevel(logging.WARNING if args.quiet else logging.INFO)
+    package_logger = logging.getLogger(__package__)
+    package_logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    args.where, joined = None, False
     try:
         if args.threads is not None:
             if args.threads < 1:
                 raise ValueError(f"--threads must be at least 1, received {args.threads}")
             torch.set_num_threads(args.threads)
         check_device(args.device)
+        already = distributed.initialized()
+        args.where = _join(args)
+        joined = not already and distributed.initialized()  # ours to leave at the end
+        if args.where is not None and not args.where.is_main:
+            package_logger.setLevel(logging.ERROR)  # process 0 reports for all
+            args.progress = False
         with logging_redirect_tqdm():
             return args.command(args)
+    except PeerError as error:  # another process failed; process 0 says which and why
+        if not error.quiet:
+            print(f"{parser.prog} {args.command_name}: error: {error}", file=sys.stderr)
+        return 1
     # Bad flags, files, data or settings, a diverging loss: one line instead of a traceback.
     except (ValueError, OSError, RuntimeError, FloatingPointError) as error:
-        print(f"{parser.prog} {args.command_name}: error: {error}", file=sys.stderr)
+        where = "" if args.where is None else f" (process {args.where.rank})"
+        print(f"{parser.prog} {args.command_name}{where}: error: {error}", file=sys.stderr)
         return 1
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+
+
+def _join(args: argparse.Namespace) -> Distributed | None:
+    """Under torchrun, join the process group and take this process's device; else None."""
+    where = distributed.from_environment()
+    if where is None:
+        return None
+    if args.command_name != "train":
+        raise ValueError(f"only the train command runs as several processes; run "
+                         f"{args.command_name} as one (python -m examples.pyramidflow "
+                         f"{args.command_name} ...), not under torchrun with "
+                         f"WORLD_SIZE={where.world_size}")
+    where, device = distributed.setup(args.device, args.backend)
+    args.device = str(device)
+    return where
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
                        help="evaluate on the test split after training (default: yes)")
     train.add_argument("--panels", type=int, default=8, help="heatmap panels (default: 8)")
+    train.add_argument("--backend", choices=("gloo", "nccl"),
+                       help="process-group backend under torchrun (default: nccl with "
+                            "--device cuda, gloo otherwise)")
     _add_config_flags(train)
 
     evaluate = _command(commands, "evaluate", _evaluate,
@@ -394,18 +436,28 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    spec = _data_spec(args)
-    base = mvtec_defaults(spec["category"]) if spec["dataset"] == "mvtec" else {}
-    folder = args.out or Path("runs") / f"{spec['dataset']}-{_category(spec)}"
-    resume = _resume_source(args, folder, spec)
-    if resume is not None:
-        base = load_checkpoint(resume)["config"].to_dict()
-    config = _make_config(base, args)
-    prepared = _prepare(config, spec, folder, resume, evaluate=args.evaluate)
-    if args.overwrite:
-        _clear_run(folder)
-    detector = _fit(config, spec, folder, args, resume, prepared)
-    test_set = prepared[1]
+    where: Distributed | None = args.where
+    writes = where is None or where.is_main
+    # Under torchrun every process checks (reading only); a failure on one stops all.
+    with together(where):
+        spec = _data_spec(args)
+        base = mvtec_defaults(spec["category"]) if spec["dataset"] == "mvtec" else {}
+        folder = args.out or Path("runs") / f"{spec['dataset']}-{_category(spec)}"
+        resume = _resume_source(args, folder, spec)
+        if resume is not None:
+            base = load_checkpoint(resume)["config"].to_dict()
+        config = _make_config(base, args)
+        distributed.check_batch_size(config.batch_size, where)
+        train_set, test_set = _check_run(config, spec, resume, evaluate=args.evaluate)
+    created = None
+    with together(where):  # after every process has read the folder: only then write
+        if writes:
+            created = _make_run_folders(folder)
+            if args.overwrite:
+                _clear_run(folder)
+    detector = _fit(config, spec, folder, args, resume, (train_set, test_set, created))
+    if not writes:
+        return 0
     if test_set is not None:
         results = {_category(spec): _report(detector, test_set, folder, args.panels,
                                             args.full_range_aupro, args.workers)}
@@ -595,6 +647,12 @@ def _prepare(config: PyramidFlowConfig, spec: dict[str, Any], folder: Path,
         ``(train_set, test_set, created)``: ``test_set`` is None without evaluation or test
         images; ``created`` is the outermost folder made here, None if the folder existed.
     """
+    return (*_check_run(config, spec, resume, evaluate), _make_run_folders(folder))
+
+
+def _check_run(config: PyramidFlowConfig, spec: dict[str, Any], resume: Path | None,
+               evaluate: bool) -> tuple[Any, Any]:
+    """The reading half of :func:`_prepare`: ``(train_set, test_set)``, checked."""
     train_set = _datasets(spec, config.image_size, "train")
     test_set = _datasets(spec, config.image_size, "test") if evaluate else None
     for dataset in (train_set, test_set):
@@ -604,6 +662,15 @@ def _prepare(config: PyramidFlowConfig, spec: dict[str, Any], folder: Path,
     if resume is not None:
         check_resume(resume, config, holdout)
     PyramidFlow(config)  # a bad setting or a missing ResNet weights file fails here
+    return train_set, test_set
+
+
+def _make_run_folders(folder: Path) -> Path | None:
+    """The writing half of :func:`_prepare`: make the folders, check they can be written.
+
+    Returns:
+        The outermost folder made here, None if ``folder`` existed.
+    """
     created = _missing_ancestor(folder)
     try:
         check_writable(folder / "checkpoints")
@@ -612,7 +679,7 @@ def _prepare(config: PyramidFlowConfig, spec: dict[str, Any], folder: Path,
         if created is not None:
             _remove_empty_folders(folder / "checkpoints", created)
         raise
-    return train_set, test_set, created
+    return created
 
 
 def _missing_ancestor(folder: Path) -> Path | None:
@@ -644,7 +711,7 @@ def _fit(config: PyramidFlowConfig, spec: dict[str, Any], folder: Path,
 
     Written only after training succeeds, so a failed run leaves at most its checkpoints (to
     resume from) and never a config that describes no model; a folder made by
-    :func:`_prepare` that stays empty is removed again.
+    :func:`_prepare` that stays empty is removed again. Under torchrun only process 0 writes.
     """
     train_set, _, created = prepared
     logger.info("training %s on %d images at %d×%d", folder.name, len(train_set),
@@ -658,6 +725,8 @@ def _fit(config: PyramidFlowConfig, spec: dict[str, Any], folder: Path,
         if created is not None:
             _remove_empty_folders(folder / "checkpoints", created)
         raise
+    if args.where is not None and not args.where.is_main:
+        return detector
     logger.info("trained %s in %.1f s", folder.name, time.perf_counter() - started)
     detector.save(folder / _MODEL_FILE)
     write_text_atomically(folder / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")

@@ -23,6 +23,11 @@ and per epoch the shuffling and the augmentation, each seeded by ``(seed, epoch)
 resumed from an epoch's checkpoint therefore ends with exactly the weights of an uninterrupted
 run.
 
+Under ``torchrun`` (a process group of two or more processes is initialised, see
+:mod:`.distributed`), :func:`train` trains a DistributedDataParallel replica per process:
+``config.batch_size`` is the global batch, shared evenly, and the run computes what one process
+computes with that batch (up to rounding); only process 0 writes checkpoints.
+
 A checkpoint is one ``torch.save`` file of plain tensors, numbers, strings, lists and dicts
 (loaded with ``weights_only=True``)::
 
@@ -38,6 +43,7 @@ A checkpoint is one ``torch.save`` file of plain tensors, numbers, strings, list
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -51,7 +57,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from . import distributed
 from .config import PyramidFlowConfig
+from .distributed import Distributed, GlobalBatchSampler, gather_batch, together
 from .files import write_atomically
 from .inference import (
     ImageSource,
@@ -228,7 +236,11 @@ def augment(images: Tensor, generator: torch.Generator) -> Tensor:
     Returns:
         The augmented images (same shape).
     """
-    choices = torch.rand(len(images), 3, generator=generator) < 0.5
+    return _flip_and_rotate(images, torch.rand(len(images), 3, generator=generator) < 0.5)
+
+
+def _flip_and_rotate(images: Tensor, choices: Tensor) -> Tensor:
+    """:func:`augment` with its ``(B, 3)`` boolean choices given."""
     pick = choices.to(images.device)[:, :, None, None, None]
     images = torch.where(pick[:, 0], images.flip(-1), images)
     images = torch.where(pick[:, 1], images.flip(-2), images)
@@ -258,17 +270,19 @@ def train(
             also gets the template and thresholds). None writes nothing.
         resume: A checkpoint of an earlier run on the same data and config (``epochs`` may be
             raised) to continue from.
-        device: Where to train.
+        device: Where to train; under ``torchrun``, ``"cuda"`` means ``cuda:LOCAL_RANK``.
         num_workers: DataLoader worker processes.
-        progress: Show tqdm progress bars for epochs and batches.
+        progress: Show tqdm progress bars for epochs and batches (on process 0 only).
 
     Returns:
-        The trained model with its template, thresholds and split.
+        The trained model with its template, thresholds and split; under ``torchrun`` every
+        process returns the same (``checkpoint`` names the file process 0 wrote).
 
     Raises:
         ValueError: On too few images for a batch after the hold-out, an unavailable
-            device, or a checkpoint to resume from that belongs to another architecture or
-            data split (see :data:`RESUMABLE_CHANGES`).
+            device, a checkpoint to resume from that belongs to another architecture or
+            data split (see :data:`RESUMABLE_CHANGES`), or under ``torchrun`` a
+            ``config.batch_size`` not divisible by the number of processes.
         OSError: If ``checkpoint_dir`` cannot be written to (checked before the first epoch).
         FloatingPointError: If the loss, a parameter or a buffer becomes NaN or infinite
             (naming the epoch and step; no checkpoint is written from then on).
@@ -283,10 +297,18 @@ def train(
         (6, 2, False)
     """
     device = check_device(device)
+    where = distributed.current()
+    if where is not None and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", where.local_rank)
+    local_batch = distributed.check_batch_size(config.batch_size, where)
     dataset = as_dataset(data, config.image_size)
     train_indices, holdout_indices = training_split(config, len(dataset))
     checkpoint = None if resume is None else check_resume(resume, config, holdout_indices)
-    folder = None if checkpoint_dir is None else check_writable(checkpoint_dir)
+    writes = where is None or where.is_main
+    folder = None
+    if checkpoint_dir is not None:
+        with together(where):
+            folder = check_writable(checkpoint_dir) if writes else Path(checkpoint_dir)
     torch.manual_seed(config.seed)
     # Our own draws use seeded generators; this covers datasets that draw from the global one.
     np.random.seed(config.seed)  # noqa: NPY002
@@ -305,26 +327,45 @@ def train(
 
     train_set = Subset(dataset, train_indices)
     generator = torch.Generator()
-    loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                        num_workers=num_workers, generator=generator)
+    replica: torch.nn.Module = model
+    if where is None:
+        sampler = None
+        loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True,
+                            drop_last=True, num_workers=num_workers, generator=generator)
+    else:
+        replica = _replicate(model, device)
+        sampler = GlobalBatchSampler(train_set, config.batch_size, config.seed,
+                                     num_replicas=where.world_size, rank=where.rank)
+        loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler,
+                            drop_last=True, num_workers=num_workers)
+    progress = progress and writes
     losses: list[float] = []
     epochs = tqdm(range(start, config.epochs), desc="epochs", disable=not progress,
                   initial=start, total=config.epochs)
     for epoch in epochs:
         # Seeding by (seed, epoch) makes a resumed run repeat the uninterrupted one exactly.
-        generator.manual_seed(_epoch_seed(config.seed, epoch))
+        if sampler is None:
+            generator.manual_seed(_epoch_seed(config.seed, epoch))
+        else:
+            sampler.set_epoch(epoch)
         augmenter = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch) + 1)
         loss = _train_epoch(model, optimizer, loader, augmenter, config, epoch, progress,
-                            finite_checkpoint)
+                            finite_checkpoint, replica=replica, where=where)
         losses.append(loss)
         epochs.set_postfix(loss=f"{loss:.4g}")
         logger.info("epoch %d/%d: mean loss %.5g", epoch + 1, config.epochs, loss)
         if folder is not None:
             last_checkpoint = folder / f"epoch-{epoch + 1:03d}.pt"
-            save_checkpoint(last_checkpoint, model, epoch=epoch + 1, optimizer=optimizer,
-                            holdout=holdout_indices)
+            with together(where):
+                if writes:
+                    save_checkpoint(last_checkpoint, model, epoch=epoch + 1,
+                                    optimizer=optimizer, holdout=holdout_indices)
             finite_checkpoint = last_checkpoint
 
+    if where is not None:
+        distributed.unsync_volume_norms(model)
+    # Every process computes the template and thresholds as a single process does, over the
+    # full training and held-out sets: all of them end with the same fitted model.
     model.eval()
     model.set_template(latent_statistics(model, train_set, batch_size=config.batch_size,
                                          num_workers=num_workers))
@@ -337,57 +378,92 @@ def train(
         logger.warning("config.holdout is 0: no images held out, so no decision thresholds")
     if folder is not None:
         last_checkpoint = folder / f"epoch-{config.epochs:03d}.pt"
-        save_checkpoint(last_checkpoint, model, epoch=config.epochs, optimizer=optimizer,
-                        thresholds=thresholds, holdout=holdout_indices)
+        with together(where):
+            if writes:
+                save_checkpoint(last_checkpoint, model, epoch=config.epochs,
+                                optimizer=optimizer, thresholds=thresholds,
+                                holdout=holdout_indices)
     return TrainingResult(model, thresholds, train_indices, holdout_indices, losses,
                           last_checkpoint)
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+_epoch_seed = distributed.epoch_seed
+
+
+def _replicate(model: PyramidFlow, device: torch.device) -> torch.nn.Module:
+    """The model as a DistributedDataParallel replica, its volume norms synchronised.
+
+    Buffers are not broadcast from process 0 before each forward pass: the only ones that
+    change, the volume norms' running means, are updated with the global batch mean on every
+    process alike (:class:`~.distributed.SyncVolumeNorm`).
+    """
+    distributed.sync_volume_norms(model)
+    ddp = torch.nn.parallel.DistributedDataParallel
+    # torch 2.13 renamed broadcast_buffers to forward_sync_buffers.
+    no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+               else "broadcast_buffers")
+    return ddp(model, device_ids=[device.index] if device.type == "cuda" else None,
+               **{no_sync: False})
 
 
 def _train_epoch(model: PyramidFlow, optimizer: torch.optim.Optimizer, loader: DataLoader,
                  augmenter: torch.Generator, config: PyramidFlowConfig, epoch: int,
-                 progress: bool, finite_checkpoint: Path | None) -> float:
-    """One pass over the training images; returns the mean loss.
+                 progress: bool, finite_checkpoint: Path | None, *,
+                 replica: torch.nn.Module | None = None, where: Distributed | None = None,
+                 ) -> float:
+    """One pass over the training images; returns the mean loss (of the global batches).
+
+    Under ``torchrun``, ``replica`` is the DDP wrapper of ``model`` and each process holds a
+    piece of every global batch: the latents of all pieces are gathered into the global batch
+    for the pairwise loss (see :mod:`.distributed`).
 
     Raises:
         FloatingPointError: At the first non-finite loss, parameter or buffer.
         RuntimeError: If a step fails, re-raised naming the epoch and step.
     """
-    model.train()
+    replica = model if replica is None else replica
+    replica.train()
     device = next(model.parameters()).device
     total, steps = 0.0, len(loader)
     batches = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
     for step, batch in enumerate(batches):
-        where = f"epoch {epoch + 1}/{config.epochs}, step {step + 1}/{steps}"
+        at = f"epoch {epoch + 1}/{config.epochs}, step {step + 1}/{steps}"
         images = to_image_batch(batch["image"], config.image_size).to(device)
-        if config.augment:
+        if config.augment and where is None:
             images = augment(images, augmenter)
+        elif config.augment:
+            # The choices of the whole global batch, as one process draws them; ours a piece.
+            choices = torch.rand(config.batch_size, 3, generator=augmenter) < 0.5
+            piece = len(images)
+            images = _flip_and_rotate(images, choices[where.rank * piece:][:piece])
         try:
-            loss = model.loss(model(images))
+            latents = replica(images)
+            if where is not None:
+                latents = tuple(gather_batch(z, where) for z in latents)
+            loss = model.loss(latents)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"the training loss is {loss.item()} at {where}; training stopped. "
+                    f"the training loss is {loss.item()} at {at}; training stopped. "
                     f"Check the images for NaN, or {_lower_rate(config, finite_checkpoint)}"
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # This process differentiates the global loss through its own piece only; DDP
+            # averages the processes' gradients, so N pieces times 1/N needs the factor N.
+            (loss if where is None else loss * where.world_size).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
         except torch.linalg.LinAlgError as error:  # diverged weights, e.g. an SVD of NaNs
-            raise RuntimeError(f"training failed at {where}: {error}; the weights have "
+            raise RuntimeError(f"training failed at {at}: {error}; the weights have "
                                f"probably diverged: {_lower_rate(config, finite_checkpoint)}"
                                ) from error
         except RuntimeError as error:
-            raise RuntimeError(f"training failed at {where}: {error}") from error
+            raise RuntimeError(f"training failed at {at}: {error}") from error
         # An overflowing update can leave the loss finite and the weights not: a checkpoint
         # of them would fail again when resumed.
         broken = _first_non_finite(model.state_dict())
         if broken is not None:
             raise FloatingPointError(
-                f"{broken} became non-finite at {where} (the loss was {loss.item():.4g}); "
+                f"{broken} became non-finite at {at} (the loss was {loss.item():.4g}); "
                 f"training stopped. Check the images, or {_lower_rate(config, finite_checkpoint)}"
             )
         total += loss.item()
