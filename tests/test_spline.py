@@ -233,8 +233,11 @@ def test_spline_coupling_options_and_errors():
 
 def test_spline_coupling_in_float32():
     # Moderate parameters: extreme ones give slopes of 1e-7, where float32 cannot invert.
+    # Even moderate draws lose up to ~4e-4 (relative) in float32 through the quadratic root
+    # (measured over 30 seeds), so the round trip gets a float32 tolerance and fixed draws.
+    torch.manual_seed(0)
     layer = randomize_conditioner(SplineCoupling(4, bins=8), scale=0.3)
-    assert_invertible(layer, 2 * torch.randn(3, 4, 5, 5))
+    assert_invertible(layer, 2 * torch.randn(3, 4, 5, 5), rtol=1e-3)
     assert_engine_gradients_match(layer, 2 * torch.randn(3, 4, 5, 5))
 
 
