@@ -242,15 +242,21 @@ def autocast_chain(kind: str) -> tuple[Sequential, Tensor]:
         DualPyramidCoupling,
         LaplacianPyramid,
         LiftingConv1x1,
+        MaskedCoupling,
         Permute,
         PyramidCoupling,
+        SplineCoupling,
+        checkerboard_mask,
     )
 
     torch.manual_seed(0)
     if kind == "flat":
         chain = Sequential(
-            ActNorm(4), InvConv1x1(4), AffineCoupling(4), AdditiveCoupling(4),
-            AffineCoupling(4, volume_norm="channel"), Permute(4), InvConv1x1(4, volume_norm=True),
+            # The spline and masked couplings follow a 1x1 convolution, whose autocast output
+            # is bf16/fp16: they must lift it to float32 themselves.
+            ActNorm(4), InvConv1x1(4), SplineCoupling(4), AffineCoupling(4),
+            AdditiveCoupling(4), AffineCoupling(4, volume_norm="channel"), Permute(4),
+            InvConv1x1(4, volume_norm=True), MaskedCoupling(4, checkerboard_mask((4, 8, 8))),
             AffineCoupling(4, volume_norm="spatial"))
         x = torch.randn(2, 4, 8, 8)
     else:

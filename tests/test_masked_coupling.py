@@ -337,3 +337,14 @@ def test_a_transform_returning_the_wrong_shape_is_named():
     with pytest.raises(ShapeError, match=r"Broken.forward must return a log-derivative shaped "
                                          r"like its input \(3, 1\), received \(3,\)"):
         layer(torch.randn(3, 2))
+    with pytest.raises(ShapeError, match=r"Broken.inverse must return a log-derivative"):
+        layer.inverse(torch.randn(3, 2))
+
+    class WrongOutput(Broken):
+        def forward(self, x, params):
+            return x.sum(-1), torch.zeros_like(x)
+
+    layer = MaskedCoupling(2, checkerboard_mask((2,)), transform=WrongOutput())
+    with pytest.raises(ShapeError, match=r"WrongOutput.forward must return an output shaped "
+                                         r"like its input \(3, 1\), received \(3,\)"):
+        layer(torch.randn(3, 2))
