@@ -3,6 +3,8 @@ elementwise transforms and their errors."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -240,7 +242,9 @@ def test_elementwise_transforms_directly():
     assert torch.allclose(x_back, x) and torch.allclose(ld_inv, -ld)
     y, ld = AdditiveTransform()(x, torch.ones(2, 1))
     assert y.tolist() == [2.0, -1.0] and ld.tolist() == [0.0, 0.0]
-    assert AffineTransform(clamp_kind="atan").clamp_kind == "atan"
+    # The atan clamp is used, not just stored: 2 * (2/pi) * atan(1/2) for s = 1, clamp 2.
+    _, ld = AffineTransform(clamp_kind="atan")(x, torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+    assert torch.allclose(ld, torch.full((2,), 4 / math.pi * math.atan(0.5)))
     with pytest.raises(ShapeError, match=r"AdditiveTransform expected parameters of shape "
                                          r"x.shape \+ \(1,\) = \(2, 1\), received \(2,\)"):
         AdditiveTransform()(x, torch.ones(2))
