@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format="%(message)s")
     package_logger = logging.getLogger(__package__)
     package_logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
-    args.where, joined = None, False
+    args.where, joined, leave = None, False, False
     try:
         if args.threads is not None:
             if args.threads < 1:
@@ -132,18 +132,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             package_logger.setLevel(logging.ERROR)  # process 0 reports for all
             args.progress = False
         with logging_redirect_tqdm():
-            return args.command(args)
+            status = args.command(args)
+        leave = True
+        return status
     except PeerError as error:  # another process failed; process 0 says which and why
+        leave = True
         if not error.quiet:
             print(f"{parser.prog} {args.command_name}: error: {error}", file=sys.stderr)
         return 1
     # Bad flags, files, data or settings, a diverging loss: one line instead of a traceback.
     except (ValueError, OSError, RuntimeError, FloatingPointError) as error:
+        leave = distributed.stopped_every_process(error)
         where = "" if args.where is None else f" (process {args.where.rank})"
         print(f"{parser.prog} {args.command_name}{where}: error: {error}", file=sys.stderr)
         return 1
     finally:
-        if joined:
+        # Leaving the group waits for the others; after a failure of this process alone they
+        # may wait in a collective for ever: exit, and torchrun stops them.
+        if joined and leave:
             torch.distributed.destroy_process_group()
 
 

@@ -65,6 +65,7 @@ __all__ = [
     "gather_batch",
     "initialized",
     "setup",
+    "stopped_every_process",
     "sync_volume_norms",
     "together",
     "unsync_volume_norms",
@@ -263,9 +264,21 @@ def together(where: Distributed | None) -> Iterator[None]:
     if not failed:
         return
     if where.is_main and error is not None:
+        error.stopped_every_process = True  # type: ignore[attr-defined]
         raise error
     message = f"process {failed[0]} of {where.world_size} stopped: {notes[failed[0]]}"
     raise PeerError(message, quiet=not where.is_main) from error
+
+
+def stopped_every_process(error: BaseException) -> bool:
+    """Whether ``error`` came out of :func:`together`, so that every process stopped with it.
+
+    After such an error the process group can be left in order
+    (:func:`~torch.distributed.destroy_process_group`); after any other, other processes may
+    be waiting in a collective, and leaving it could wait for them forever (nccl): exit
+    instead, and ``torchrun`` stops the others.
+    """
+    return isinstance(error, PeerError) or getattr(error, "stopped_every_process", False)
 
 
 class GlobalBatchSampler(DistributedSampler):
