@@ -12,7 +12,7 @@ defects, so a detector has to learn what normal looks like: the demo's untrained
 model scores far below its trained one.
 
 Test images alternate between normal (even indices) and defective (odd indices),
-and the defective ones cycle through :data:`DEFECT_KINDS`. A defect is painted over
+and the defective ones cycle through :data:`DEFECT_CYCLE`. A defect is painted over
 the normal image, and a pixel counts as defective only if the painting changed it
 by at least :data:`MIN_VISIBLE_CHANGE` in some channel; other pixels keep their
 normal value. The mask is therefore exactly the set of pixels that differ from the
@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 from .datasets import ImageSize, Sample, as_image_size
 
 __all__ = [
+    "DEFECT_CYCLE",
     "DEFECT_KINDS",
     "LIGHT_GAIN",
     "LIGHT_SLOPE",
@@ -51,9 +52,16 @@ __all__ = [
 ]
 
 DEFECT_KINDS = ("scratch", "stain", "hole", "cut", "misprint")
-"""Defect types painted on defective test images, in the order they cycle. A misprint
-shows the pattern (texture) or print (object) shifted and turned within a patch: the
-right colours in the wrong place."""
+"""Defect types painted on defective test images. A misprint shows the pattern (texture)
+or print (object) shifted and turned within a patch: the right colours in the wrong
+place."""
+
+DEFECT_CYCLE = ("scratch", "misprint", "stain", "misprint", "hole", "misprint", "cut",
+                "misprint")
+"""The order in which defective test images take their defect: every other one is a
+misprint. Scratches, stains, holes and cuts change colours, so comparing an image with
+the training images already finds them; a misprint is found only by a model that has
+learned where the pattern belongs, so it is what shows whether training worked."""
 
 MIN_VISIBLE_CHANGE = 0.12
 """Smallest change (largest over the RGB channels) of a pixel marked defective."""
@@ -217,7 +225,7 @@ class SyntheticDefects(Dataset[Sample]):
     def _defect_kind(self, index: int) -> str | None:
         if self.split == "train" or index % 2 == 0:
             return None
-        return DEFECT_KINDS[(index // 2) % len(DEFECT_KINDS)]
+        return DEFECT_CYCLE[(index // 2) % len(DEFECT_CYCLE)]
 
 
 class _Surface(NamedTuple):
