@@ -280,7 +280,6 @@ class _Plan:
         position: dict[int, int] = {}
         kept_tensors: list[Tensor] = []
         logdets = []
-        recorder = _GradTensorRecorder()
         with torch.no_grad():
             for i, (name, block) in enumerate(self.blocks):
                 self.input_shapes.append(state_shape(state))
@@ -294,7 +293,7 @@ class _Plan:
                 self.slots.append(_slots(block))
                 buffers = list(block.buffers())
                 before = [b._version for b in buffers]
-                recorder.found = {}
+                recorder = _GradTensorRecorder()
                 with recorder:
                     state, logdet = _step(name, block, state, self.inverse, self.context)
                 found = list(recorder.found.values())

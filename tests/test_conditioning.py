@@ -110,6 +110,23 @@ def test_engine_gives_the_context_and_its_embedding_the_autograd_gradient(engine
         assert torch.allclose(saving[name], plain[name], rtol=1e-9, atol=1e-12), name
 
 
+def test_under_no_grad_the_engine_keeps_direction_context_and_debug():
+    # Without grad the memory-saving chain takes the plain path (conditional sampling does):
+    # it must still run the asked direction, pass the context on and honour debug mode.
+    layer = coupling("affine", 4, 2)
+    plain = Sequential(layer, Flip(), memory_saving=False)
+    saving = Sequential(layer, Flip(), memory_saving=True, debug=True)
+    x = torch.randn(2, 4, 3, 3, dtype=F64)
+    c = torch.randn(2, 2, dtype=F64)
+    with torch.no_grad():
+        for direction in ("forward", "inverse"):
+            expected = getattr(plain, direction)(x, context=c)
+            found = getattr(saving, direction)(x, context=c)
+            assert all(torch.equal(a, b) for a, b in zip(found, expected)), direction
+        with pytest.raises(EngineError, match="NaN or inf"):
+            saving(torch.full_like(x, float("nan")), context=c)
+
+
 def test_engine_refuses_a_context_changed_in_place_before_backward():
     layer = coupling("affine", 4, 2)
     chain = Sequential(layer, Flip(), memory_saving=True)
