@@ -101,10 +101,10 @@ CASES = [
     # bound 1: some elements in the identity tails, most inside the spline.
     ("spline", lambda: randomize_conditioner(SplineCoupling(
         4, bins=3, bound=1.0, hidden_channels=2, kernel_size=1)).double(),
-     lambda: image(4, size=3)),
+     lambda: image(4, size=3, batch=1)),
     ("masked-spline", lambda: randomize_conditioner(MaskedCoupling(
         2, checkerboard_mask((2, 3, 3)), transform=SplineTransform(2, bound=1.0),
-        hidden_channels=1)).double(), lambda: image(2, size=3)),
+        hidden_channels=1)).double(), lambda: image(2, size=3, batch=1)),
     ("invconv-plain", lambda: InvConv1x1(3, lu=False).double(), lambda: image(3)),
     ("pyramid-coupling", lambda: randomize_conditioner(
         PyramidCoupling(2, target=0, source=1)).double(), levels),
