@@ -283,3 +283,27 @@ def test_untouched_levels_may_have_other_channel_counts():
 def test_constructor_validates(cls, kwargs, match):
     with pytest.raises(AutoflowError, match=match):
         cls(**kwargs)
+
+
+@pytest.mark.parametrize("condition_at", ["source", "target"])
+@pytest.mark.parametrize(("target", "source"), [(0, 1), (1, 0), (2, 1)])
+def test_non_square_levels(target, source, condition_at):
+    # Levels of 6×10, 3×5 and 2×3 (odd sizes round up): resizing between levels must keep
+    # height and width apart.
+    torch.manual_seed(0)
+    levels = tuple(torch.randn(2, 2, h, w, dtype=torch.float64)
+                   for h, w in ((6, 10), (3, 5), (2, 3)))
+    for module in (PyramidCoupling(2, target=target, source=source,
+                                   condition_at=condition_at),
+                   DualPyramidCoupling(2, target=1)):
+        module = randomize_conditioner(module).double()
+        assert_invertible(module, levels)
+        assert_engine_gradients_match(module, levels)
+        # The conditioner sees its input at the target's size (or the source's own).
+        seen = []
+        module.conditioner.register_forward_pre_hook(
+            lambda _, args, seen=seen: seen.append(tuple(args[0].shape[-2:])))
+        module(levels)
+        at_source = isinstance(module, PyramidCoupling) and condition_at == "source"
+        size = levels[source if at_source else module.target].shape[-2:]
+        assert seen == [tuple(size)]
