@@ -299,3 +299,18 @@ def test_wrong_conditioner_output_is_reported():
 def test_constructor_validates(kwargs, match):
     with pytest.raises(AutoflowError, match=match):
         AffineCoupling(**kwargs)
+
+
+@pytest.mark.parametrize("volume_norm", ["channel", "spatial"])
+def test_a_training_forward_updates_the_volume_norms_running_mean(volume_norm):
+    # The eval-mode map uses the running mean of the log-scales seen in training.
+    torch.manual_seed(0)
+    layer = randomize_conditioner(AffineCoupling(4, volume_norm=volume_norm))
+    x = torch.randn(3, 4, 5, 5)
+    layer.train()(x)
+    first = layer.volume_norm.running_mean.clone()
+    layer(x + 1.0)
+    second = layer.volume_norm.running_mean.clone()
+    assert first.abs().sum() > 0 and not torch.equal(second, first)
+    layer.eval()(x)
+    assert torch.equal(layer.volume_norm.running_mean, second)  # eval leaves it alone
