@@ -38,9 +38,10 @@ __all__: list[str] = []
 FLAGS = ["--dataset", "synthetic", "--kind", "texture", "--train-images", "12",
          "--test-images", "4", "--channels", "4", "--levels", "2", "--depth", "1",
          "--kernel-size", "3", "--image-size", "16", "--batch-size", "4", "--holdout", "0.25",
-         "--augment", "--memory-saving", "--panels", "1", "--no-progress", "-q",
-         "--threads", "1"]
-"""A tiny run: 9 training images (2 global batches of 4 per epoch), 3 held out."""
+         "--augment", "--memory-saving", "--grad-clip", "1000", "--panels", "1",
+         "--no-progress", "-q", "--threads", "1"]
+"""A tiny run: 9 training images (2 global batches of 4 per epoch), 3 held out. The gradient
+is not clipped (a clipped gradient would hide a gradient of the wrong scale)."""
 
 # Audit events of everything that changes the file system (os.replace raises "os.rename").
 _WRITING_EVENTS = ("os.rename", "os.mkdir", "os.remove", "os.rmdir", "os.truncate",
