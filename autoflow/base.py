@@ -290,15 +290,7 @@ def _check_channel_tensor(x: Tensor, channels: int | None, module: nn.Module, na
 def check_features_shape(shape: Shape, channels: int | None, module: nn.Module
                          ) -> tuple[int, ...]:
     """Shape-level counterpart of :func:`check_features`: ``(C,)`` or ``(C, H, W)``."""
-    if len(shape) not in (1, 3) or not all(isinstance(s, int) for s in shape):
-        raise ShapeError(
-            f"{type(module).__name__} expected a (C,) or (C, H, W) shape, received {shape}"
-        )
-    if channels is not None and shape[0] != channels:
-        raise ShapeError(
-            f"{type(module).__name__} expected {channels} channels, received shape {shape}"
-        )
-    return tuple(shape)  # type: ignore[return-value]
+    return _check_shape(shape, channels, module, (1, 3), "a (C,) or (C, H, W)")
 
 
 def positions(x: Tensor) -> int:
@@ -308,10 +300,14 @@ def positions(x: Tensor) -> int:
 
 def check_image_shape(shape: Shape, channels: int | None, module: nn.Module) -> tuple[int, ...]:
     """Shape-level counterpart of :func:`check_image` for ``(C, H, W)`` shapes."""
-    if len(shape) != 3 or not all(isinstance(s, int) for s in shape):
-        raise ShapeError(
-            f"{type(module).__name__} expected a (C, H, W) shape, received {shape}"
-        )
+    return _check_shape(shape, channels, module, (3,), "a (C, H, W)")
+
+
+def _check_shape(shape: Shape, channels: int | None, module: nn.Module,
+                 ranks: tuple[int, ...], expected: str) -> tuple[int, ...]:
+    """``shape`` as a tuple, after checking its rank is one of ``ranks`` and its channels."""
+    if len(shape) not in ranks or not all(isinstance(s, int) for s in shape):
+        raise ShapeError(f"{type(module).__name__} expected {expected} shape, received {shape}")
     if channels is not None and shape[0] != channels:
         raise ShapeError(
             f"{type(module).__name__} expected {channels} channels, received shape {shape}"
