@@ -36,10 +36,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from real_defects import group_settings  # noqa: E402
+from score_selection import latents  # noqa: E402
 
 from examples.pyramidflow import PyramidFlowConfig, train  # noqa: E402
 from examples.pyramidflow.evaluate import metrics_from_maps  # noqa: E402
-from examples.pyramidflow.inference import anomaly_maps, image_batches  # noqa: E402
+from examples.pyramidflow.inference import anomaly_maps  # noqa: E402
 from examples.pyramidflow.model import PyramidFlow  # noqa: E402
 from examples.pyramidflow.photos import PhotoDefects  # noqa: E402
 
@@ -77,14 +78,9 @@ def measure(category: str, variant: str) -> dict[str, list[float]]:
     if variant == "loss_shift1":
         PyramidFlow.loss = shift_tolerant_loss  # type: ignore[method-assign]
     model = train(config, train_set, progress=False).model.eval()
-    latents, masks, labels = [], [], []
+    test_latents, masks, labels = latents(model, test_set)
     with torch.no_grad():
-        for batch in image_batches(test_set, SIZE, 8):
-            latents.append(model(batch["image"]))
-            masks.append(batch["mask"][:, 0] > 0.5)
-            labels.append(torch.as_tensor(batch["label"]))
-        levels = model._nearest_scores(tuple(torch.cat(z) for z in zip(*latents)))
-        masks, labels = torch.cat(masks), torch.cat(labels)
+        levels = model._nearest_scores(tuple(test_latents))
 
         def weighted(weights: tuple[float, ...]) -> torch.Tensor:
             return model.compose(tuple(m * w for m, w in zip(levels, weights)))[:, 0]
