@@ -46,7 +46,12 @@ def test_spline_round_trip_and_inverse_logdet(bins, bound, scale, seed):
     # Backward stable: the error in x, times dy/dx, is a rounding error of y (extreme
     # parameters give slopes of 1e-4 and below, which amplify rounding in x-space).
     assert ((x_back - x).abs() * log_derivative.exp()).max() < 1e-13
-    assert (log_derivative + log_derivative_inv).abs().max() < 1e-9
+    # The inverse's log-derivative at y is minus the forward one at the point it returns.
+    # Compared at x instead, the gap is d(log f')/dx times the error in x: 1e-8 for extreme
+    # parameters, ill-conditioning rather than a wrong formula (worst over 3000 draws here:
+    # 5e-13 at x_back, 1.2e-8 at x).
+    _, log_derivative_back = rational_quadratic_spline(x_back, params, bound=bound)
+    assert (log_derivative_back + log_derivative_inv).abs().max() < 1e-10
 
 
 @settings(max_examples=10, deadline=None)
