@@ -21,6 +21,7 @@ usual variational bound on the bits/dim of the discrete data.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +44,18 @@ __all__ = ["DistributionBase", "Flow", "StandardNormal"]
 _LOG_2PI = math.log(2 * math.pi)
 
 
+def _per_sample_sum(z: State, log_density: Callable[[Tensor], Tensor]) -> Tensor:
+    """``(B,)``: an elementwise log-density summed over every non-batch element of ``z``."""
+    return sum(log_density(t).reshape(t.shape[0], -1).sum(1) for t in flatten_state(z))
+
+
+def _draw_state(shape: Shape, draw: Callable[[tuple[int, ...]], Tensor]) -> State:
+    """A state of ``shape`` (a shape or a tuple of shapes) with each tensor from ``draw``."""
+    if shape and all(isinstance(s, tuple) for s in shape):
+        return tuple(draw(s) for s in shape)  # type: ignore[arg-type]
+    return draw(shape)  # type: ignore[arg-type]
+
+
 class StandardNormal(nn.Module):
     """Standard normal density over every tensor of a state: ``log N(z; 0, I)`` per sample.
 
@@ -60,11 +73,7 @@ class StandardNormal(nn.Module):
 
     def log_prob(self, z: State) -> Tensor:
         """The log-density of each sample, summed over all tensors of ``z``; shape ``(B,)``."""
-        total = None
-        for t in flatten_state(z):
-            term = -0.5 * (t.flatten(1).pow(2) + _LOG_2PI).sum(1)
-            total = term if total is None else total + term
-        return total
+        return _per_sample_sum(z, lambda t: -0.5 * (t.square() + _LOG_2PI))
 
     def sample(
         self,
@@ -80,14 +89,8 @@ class StandardNormal(nn.Module):
 
         ``temperature`` scales the standard deviation (Glow's reduced-temperature sampling).
         """
-        def draw(s: tuple[int, ...]) -> Tensor:
-            return temperature * torch.randn(
-                (n, *s), dtype=dtype, device=device, generator=generator
-            )
-
-        if shape and all(isinstance(s, tuple) for s in shape):
-            return tuple(draw(s) for s in shape)
-        return draw(shape)  # type: ignore[arg-type]
+        return _draw_state(shape, lambda s: temperature * torch.randn(
+            (n, *s), dtype=dtype, device=device, generator=generator))
 
 
 class DistributionBase(nn.Module):
@@ -142,12 +145,8 @@ class DistributionBase(nn.Module):
 
     def log_prob(self, z: State) -> Tensor:
         """The distribution's log-density summed over every non-batch dimension, ``(B,)``."""
-        total = None
-        for t in flatten_state(z):
-            term = self.distribution.log_prob(t.to(self.device)).to(t.device)
-            term = term.reshape(t.shape[0], -1).sum(1)
-            total = term if total is None else total + term
-        return total
+        return _per_sample_sum(
+            z, lambda t: self.distribution.log_prob(t.to(self.device)).to(t.device))
 
     def sample(
         self,
@@ -178,13 +177,8 @@ class DistributionBase(nn.Module):
             )
         k = len(self.covered)
 
-        def draw(s: tuple[int, ...]) -> Tensor:
-            t = self.distribution.sample((n, *s[: len(s) - k]))
-            return t.to(dtype=dtype, device=device)
-
-        if shape and isinstance(shape[0], tuple):
-            return tuple(draw(s) for s in shape)
-        return draw(shape)  # type: ignore[arg-type]
+        return _draw_state(shape, lambda s: self.distribution.sample(
+            (n, *s[: len(s) - k])).to(dtype=dtype, device=device))
 
 
 class Flow(nn.Module):
