@@ -659,11 +659,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated subset of moons, digits")
     parser.add_argument("--models", default=",".join(spec.key for spec in MODELS),
                         help="comma-separated subset of " + ", ".join(s.key for s in MODELS))
-    parser.add_argument("--moons-steps", type=int, default=600)
+    parser.add_argument("--moons-steps", type=int, default=500)
     parser.add_argument("--moons-batch-size", type=int, default=256)
     parser.add_argument("--moons-hidden", type=int, default=64)
     parser.add_argument("--digits-steps", type=int, default=300)
-    parser.add_argument("--digits-batch-size", type=int, default=128)
+    parser.add_argument("--digits-batch-size", type=int, default=64)
     parser.add_argument("--digits-hidden", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     parser.add_argument("--transforms", type=int, default=6)
