@@ -45,8 +45,8 @@ from .base import (
     Shape,
     State,
     check_bool,
-    check_image,
-    check_image_shape,
+    check_features,
+    check_features_shape,
     check_int,
 )
 from .coupling import Coupling, make_conditioner
@@ -79,10 +79,10 @@ class _LatentPrior(Coupling):
 class Split(InvertibleModule):
     """Factor out ``C // 2`` channels as a latent; keep ``C - C // 2`` going on.
 
-    Forward takes a ``(B, C, H, W)`` tensor or a tuple ``(x, z_1, ..., z_k)`` with ``x`` of that
-    shape, and returns ``(h, z)`` or ``(h, z_1, ..., z_k, z)`` (see the module docstring). The
-    inverse takes that tuple back; a 2-tuple always inverts to a plain tensor, which is why a
-    1-tuple input is refused.
+    Forward takes a ``(B, C, H, W)`` tensor (or a ``(B, C)`` batch of vectors) or a tuple
+    ``(x, z_1, ..., z_k)`` with ``x`` of that shape, and returns ``(h, z)`` or
+    ``(h, z_1, ..., z_k, z)`` (see the module docstring). The inverse takes that tuple back; a
+    2-tuple always inverts to a plain tensor, which is why a 1-tuple input is refused.
 
     Args:
         channels: Channels ``C >= 2`` of the tensor being split.
@@ -90,7 +90,7 @@ class Split(InvertibleModule):
             channels (Glow's learned prior, as an honest bijection); otherwise the split is a
             volume-preserving rearrangement.
         hidden_channels: Hidden width of the prior's conditioner; default ``channels``.
-        kernel_size: Odd kernel size of the prior's conditioner.
+        kernel_size: Odd kernel size of the prior's conditioner (``1`` for vectors: an MLP).
         clamp: Soft-clamp bound of the prior's log-scale.
         context_channels: Channels ``K`` of a context the learned prior is conditioned on
             too (``0``: none), concatenated to the kept part as in a conditional coupling:
@@ -165,10 +165,10 @@ class Split(InvertibleModule):
         else:
             received = f"a {len(x)}-tuple" if isinstance(x, tuple) else type(x).__name__
             raise ShapeError(
-                "Split expected a (B, C, H, W) tensor or a tuple (x, z_1, ..., z_k) with at "
-                f"least one factored-out latent, received {received}"
+                "Split expected a (B, C, H, W) or (B, C) tensor or a tuple (x, z_1, ..., z_k) "
+                f"with at least one factored-out latent, received {received}"
             )
-        check_image(head, self.channels, self, name="input (first element)")
+        check_features(head, self.channels, self, name="input (first element)")
         return (head[:, : self.kept_channels], *latents, head[:, self.kept_channels :])
 
     def _unfactor(self, y: Sequence[Tensor]) -> State:
@@ -183,8 +183,8 @@ class Split(InvertibleModule):
                 "Split.inverse expected a tuple (h, ..., z) of at least 2 tensors, received "
                 f"{received}"
             )
-        check_image(y[0], self.kept_channels, self, name="kept part (first element)")
-        check_image(y[-1], self.latent_channels, self, name="latent (last element)")
+        check_features(y[0], self.kept_channels, self, name="kept part (first element)")
+        check_features(y[-1], self.latent_channels, self, name="latent (last element)")
         if y[0].shape[2:] != y[-1].shape[2:] or y[0].shape[0] != y[-1].shape[0]:
             raise ShapeError(
                 f"Split.inverse expected the kept part and the latent to share batch and "
@@ -243,7 +243,8 @@ class Split(InvertibleModule):
     # Shapes ------------------------------------------------------------------------------
 
     def output_shape(self, input_shape: Shape) -> Shape:
-        """``(C, H, W) -> ((C - C//2, H, W), (C//2, H, W))``; a tuple of shapes keeps its tail.
+        """``(C, H, W) -> ((C - C//2, H, W), (C//2, H, W))`` (``(C,)`` likewise); a tuple of
+        shapes keeps its tail.
 
         Raises:
             ShapeError: If the (first) shape is not ``(channels, H, W)``.
@@ -251,14 +252,14 @@ class Split(InvertibleModule):
         if input_shape and all(isinstance(s, tuple) for s in input_shape):
             if len(input_shape) < 2:
                 raise ShapeError(
-                    f"Split expected a (C, H, W) shape or a tuple of 2 or more shapes, "
+                    f"Split expected a (C, H, W) or (C,) shape or a tuple of 2 or more shapes, "
                     f"received {input_shape}"
                 )
             head, latents = input_shape[0], tuple(input_shape[1:])
         else:
             head, latents = input_shape, ()
-        _, h, w = check_image_shape(head, self.channels, self)
-        return ((self.kept_channels, h, w), *latents, (self.latent_channels, h, w))
+        spatial = check_features_shape(head, self.channels, self)[1:]
+        return ((self.kept_channels, *spatial), *latents, (self.latent_channels, *spatial))
 
     def input_shape(self, output_shape: Shape) -> Shape:
         """Inverse of :meth:`output_shape`.
@@ -268,14 +269,14 @@ class Split(InvertibleModule):
         """
         if len(output_shape) < 2 or not all(isinstance(s, tuple) for s in output_shape):
             raise ShapeError(
-                f"Split expected a tuple of 2 or more (C, H, W) shapes, received {output_shape}"
+                f"Split expected a tuple of 2 or more (C, H, W) or (C,) shapes, received "
+                f"{output_shape}"
             )
-        _, h, w = check_image_shape(output_shape[0], self.kept_channels, self)
-        _, h2, w2 = check_image_shape(output_shape[-1], self.latent_channels, self)
-        if (h, w) != (h2, w2):
+        spatial = check_features_shape(output_shape[0], self.kept_channels, self)[1:]
+        if check_features_shape(output_shape[-1], self.latent_channels, self)[1:] != spatial:
             raise ShapeError(
                 f"Split expected the kept part and the latent to share a spatial size, "
                 f"received {output_shape}"
             )
-        head = (self.channels, h, w)
+        head = (self.channels, *spatial)
         return head if len(output_shape) == 2 else (head, *output_shape[1:-1])

@@ -111,6 +111,33 @@ def test_vector_glow_under_the_memory_saving_engine_matches_autograd():
     assert_engine_gradients_match(transform, torch.randn(16, 3, dtype=F64))
 
 
+@pytest.mark.parametrize("learned_prior", [True, False])
+def test_split_factors_out_half_of_a_vector(learned_prior):
+    x = torch.randn(6, 5, dtype=F64)
+    torch.manual_seed(0)
+    split = autoflow.Split(5, learned_prior=learned_prior,
+                           **({"kernel_size": 1} if learned_prior else {}))
+    split = perturb(split, 0.3).double()
+    (h, z), logdet = split(x)
+    assert (h.shape, z.shape, logdet.shape) == ((6, 3), (6, 2), (6,))
+    assert torch.equal(h, x[:, :3])
+    assert split.output_shape((5,)) == ((3,), (2,)) and split.input_shape(((3,), (2,))) == (5,)
+    assert_invertible(split, x)
+    assert_logdet_matches_jacobian(split, x)
+    assert_engine_gradients_match(split, x)
+
+
+def test_multiscale_vector_glow_under_the_memory_saving_engine_matches_autograd():
+    torch.manual_seed(0)
+    transform = autoflow.glow(4, levels=2, depth_per_level=2, hidden_channels=8,
+                              downsample=None, kernel_size=1, mixing="permute")
+    transform = perturb(transform, 0.2).double()
+    x = torch.randn(16, 4, dtype=F64)
+    assert transform.output_shape((4,)) == ((2,), (2,))
+    assert_engine_gradients_match(transform, x)
+    assert Flow(transform, (4,)).log_prob(x).shape == (16,)
+
+
 def test_vector_mistakes_are_refused_clearly():
     with pytest.raises(ShapeError, match=r"ActNorm expected a 4-D input \(B, C, H, W\) or a "
                                          r"2-D input \(B, C\) of vectors, received shape \(5,\)"):
@@ -122,3 +149,6 @@ def test_vector_mistakes_are_refused_clearly():
         autoflow.AffineCoupling(4, volume_norm="channel")(torch.randn(3, 4))
     with pytest.raises(ShapeError, match=r"expected a \(C,\) or \(C, H, W\) shape"):
         autoflow.Permute(2).output_shape((2, 3))
+    with pytest.raises(ShapeError, match=r"Split.inverse expected the kept part and the latent to "
+                                         r"share batch and spatial size"):
+        autoflow.Split(4).inverse((torch.randn(3, 2), torch.randn(3, 2, 1, 1)))

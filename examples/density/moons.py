@@ -1,9 +1,9 @@
 """A 2-D normalizing flow on two moons: test NLL in nats and a PNG of the learnt density.
 
 Points ``(x, y)`` from ``sklearn.datasets.make_moons`` (noise 0.05), standardised with the
-training mean and standard deviation, are stored as ``(B, 2, 1, 1)`` tensors so that the image
-primitives apply unchanged: each flow step is ActNorm, a learned 2x2 "1x1 convolution" and an
-affine coupling whose conditioner is a per-pixel MLP (1x1 convolutions). The reported NLL is of
+training mean and standard deviation, go through the flow as ``(B, 2)`` vectors: each flow step
+is ActNorm, a learned 2x2 linear map (``InvConv1x1`` on vectors) and an affine coupling whose
+conditioner is an MLP. The reported NLL is of
 the original (unstandardised) points: the standardisation's log-det is added back.
 """
 
@@ -35,21 +35,21 @@ def load_moons(n: int, seed: int) -> Tensor:
 
 
 def mlp_conditioner(hidden: int) -> nn.Sequential:
-    """Per-pixel MLP 1 -> hidden -> hidden -> 2 (s, t), last layer zero (identity start)."""
-    last = nn.Conv2d(hidden, 2, 1)
+    """MLP 1 -> hidden -> hidden -> 2 (s, t), last layer zero (identity start)."""
+    last = nn.Linear(hidden, 2)
     nn.init.zeros_(last.weight)
     nn.init.zeros_(last.bias)
-    return nn.Sequential(nn.Conv2d(1, hidden, 1), nn.LeakyReLU(),
-                         nn.Conv2d(hidden, hidden, 1), nn.LeakyReLU(), last)
+    return nn.Sequential(nn.Linear(1, hidden), nn.LeakyReLU(),
+                         nn.Linear(hidden, hidden), nn.LeakyReLU(), last)
 
 
 def make_flow(*, depth: int, hidden: int, memory_saving: bool = True) -> Flow:
-    """``depth`` x [ActNorm, InvConv1x1, AffineCoupling] on ``(B, 2, 1, 1)``."""
+    """``depth`` x [ActNorm, InvConv1x1, AffineCoupling] on ``(B, 2)`` points."""
     modules = []
     for _ in range(depth):
         modules += [autoflow.ActNorm(2), autoflow.InvConv1x1(2),
                     autoflow.AffineCoupling(2, conditioner=mlp_conditioner(hidden), clamp=3.0)]
-    return Flow(autoflow.Sequential(*modules, memory_saving=memory_saving), (2, 1, 1))
+    return Flow(autoflow.Sequential(*modules, memory_saving=memory_saving), (2,))
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -81,7 +81,7 @@ def density_image(flow: Flow, mean: Tensor, std: Tensor, *, size: int = 256,
     ys = torch.linspace(y1, y0, size)
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     points = torch.stack([xx.flatten(), yy.flatten()], 1)
-    log_p = flow.log_prob(((points - mean) / std)[:, :, None, None]) - std.log().sum()
+    log_p = flow.log_prob((points - mean) / std) - std.log().sum()
     return log_p.exp().view(size, size).numpy()
 
 
@@ -92,7 +92,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     train = load_moons(args.train_size, args.seed)
     test = load_moons(args.test_size, args.seed + 1000)
     mean, std = train.mean(0), train.std(0)
-    to_flow = lambda p: ((p - mean) / std)[:, :, None, None]  # noqa: E731
+    to_flow = lambda p: (p - mean) / std  # noqa: E731
     flow = make_flow(depth=args.depth, hidden=args.hidden)
     n_params = sum(p.numel() for p in flow.parameters())
     print(f"moons: {len(train)} train / {len(test)} test points; {args.depth} steps, MLP width "
