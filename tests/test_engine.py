@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from autoflow import EngineError, InvertibleModule, Reconstruction, Sequential
+from autoflow import EngineError, InvertibleModule, OnFirst, Reconstruction, Sequential
 from autoflow.testing import assert_engine_gradients_match, relative_error
 from autoflow.testing import strategies as afs
 
@@ -231,6 +231,25 @@ def test_no_grad_inference_builds_no_graph_and_matches():
         y, logdet = chain(x)
     assert y.grad_fn is None and logdet.grad_fn is None
     assert relative_error(y, expected.detach()) == 0.0
+
+
+@pytest.mark.parametrize("state", ["tensor", "tuple"])
+def test_a_frozen_chain_in_grad_mode_builds_no_graph_and_matches(state):
+    # Grad mode on, but neither the input nor any parameter requires grad (a frozen model
+    # evaluated outside no_grad): the engine's shortcut returns the forward outputs as is.
+    chain = toy_chain(2, 4).double().requires_grad_(False)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    x = x if state == "tensor" else (x, torch.randn(2, 3, dtype=torch.float64))
+    if state == "tuple":
+        chain = Sequential(*[OnFirst(block) for block in chain])
+    expected, expected_logdet = chain(x)
+    chain.memory_saving = True
+    y, logdet = chain(x)
+    assert type(y) is type(expected)
+    for got, want in zip(y if state == "tuple" else (y,),
+                         expected if state == "tuple" else (expected,)):
+        assert not got.requires_grad and relative_error(got, want) == 0.0
+    assert relative_error(logdet, expected_logdet) == 0.0
 
 
 def test_frozen_and_late_parameters_are_resolved_at_call_time():
