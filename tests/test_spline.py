@@ -120,6 +120,21 @@ def test_spline_refuses_parameters_of_the_wrong_shape():
         SplineTransform(4)(torch.zeros(2, 3), torch.zeros(2, 3, 23))
 
 
+@pytest.mark.parametrize("option", ["bound", "min_bin_width", "min_bin_height",
+                                    "min_derivative"])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_spline_transform_passes_its_options_to_the_spline(option, inverse):
+    x = afs.tensor_of((40,), F64, 1, 2.0)
+    params = random_params((40,), 4, 5.0, 0)  # extreme: the minimum widths and slopes bind
+    value = {"bound": 2.5, "min_derivative": 0.2}.get(option, 0.15)
+    module = SplineTransform(4, **{option: value})
+    found = module.inverse(x, params) if inverse else module(x, params)
+    expected = rational_quadratic_spline(x, params, inverse=inverse, **{option: value})
+    default = rational_quadratic_spline(x, params, inverse=inverse)
+    assert all(torch.equal(f, e) for f, e in zip(found, expected))
+    assert not torch.equal(found[0], default[0])  # the option changes the map
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"bins": 0}, "bins must be an int >= 1, received 0"),
     ({"bins": 8.0}, "bins must be an int >= 1, received 8.0"),
