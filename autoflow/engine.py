@@ -246,10 +246,7 @@ class _Plan:
                  context: Tensor | None = None) -> None:
         self.blocks = list(blocks)
         self.context = context
-        # Only the structure of the input is kept, not its tensors, so nothing stays alive.
-        self.input_like = structure_of(x)
         self.input_requires_grad = [t.requires_grad for t in flatten_state(x)]
-        self.n_inputs = len(self.input_requires_grad)
         self.options = options
         self.inverse = inverse
         self.output_like: State = x

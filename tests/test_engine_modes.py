@@ -194,6 +194,31 @@ def test_case4_running_statistics_updated_by_a_second_forward_are_not_an_error()
     assert x1.grad is not None and x2.grad is not None
 
 
+def test_a_reconstruction_writing_a_buffer_another_call_reads_is_not_an_error():
+    # A training forward, then an evaluation forward (which reads the batch norm's buffers and
+    # so watches them), then the two backward passes in that order. The first reconstruction
+    # runs the batch norm in training mode again, which counts one more batch before the
+    # engine restores the buffers: an engine write, which the second backward must not take
+    # for the user's in-place change, and whose restore must leave the buffers and the
+    # gradients as plain autograd has them.
+    def run(saving: bool) -> tuple[list[Tensor | None], list[Tensor]]:
+        torch.manual_seed(0)
+        chain = perturb(Sequential(ToyCoupling(4, batch_norm=True), Flip(),
+                                   AffineCoupling(4, volume_norm="spatial"))).double()
+        chain.memory_saving = saving
+        x1, x2 = (torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+                  for _ in range(2))
+        y1, ld1 = chain.train()(x1)
+        y2, ld2 = chain.eval()(x2)
+        (y1.square().sum() + ld1.sum()).backward()
+        (y2.square().sum() + ld2.sum()).backward()
+        return [x1.grad, x2.grad, *(p.grad for p in chain.parameters())], list(chain.buffers())
+
+    (engine, engine_buffers), (plain, plain_buffers) = run(True), run(False)
+    assert_same(engine, plain)
+    assert_same(engine_buffers, plain_buffers)
+
+
 def test_case5_create_graph_is_refused():
     chain = perturb(Sequential(ToyCoupling(4), Flip())).double()
     chain.memory_saving = True
