@@ -195,12 +195,17 @@ class Flow(nn.Module):
             ``sample(latent_shape, n, *, dtype, device, temperature, generator)``, or a
             ``torch.distributions.Distribution`` (wrapped in :class:`DistributionBase`);
             a standard normal over all latents by default.
+        context_encoder: A network applied to every context before the transform sees it
+            (nflows' ``embedding_net``), e.g. ``nn.Embedding(10, K)`` to condition on class
+            labels; part of the flow, so its parameters train and save with the transform's.
+            ``None`` passes contexts on as they are.
 
     Raises:
         NotBijectiveError: If ``transform`` or any part of it is not a bijection (e.g. a
             :class:`~autoflow.LaplacianPyramid`): its log-det would not be a change of variables.
         AutoflowError: If ``transform`` is not an :class:`~autoflow.InvertibleModule`, ``shape``
-            is not a tuple of positive ints, or ``base`` lacks ``log_prob``/``sample``.
+            is not a tuple of positive ints, ``base`` lacks ``log_prob``/``sample``, or
+            ``context_encoder`` is not an ``nn.Module``.
         ShapeError: If ``transform`` cannot take inputs of ``shape``, or a distribution
             ``base`` does not fit the latent shape.
 
@@ -217,7 +222,8 @@ class Flow(nn.Module):
     """
 
     def __init__(self, transform: InvertibleModule, shape: tuple[int, ...], *,
-                 base: nn.Module | torch.distributions.Distribution | None = None) -> None:
+                 base: nn.Module | torch.distributions.Distribution | None = None,
+                 context_encoder: nn.Module | None = None) -> None:
         super().__init__()
         if not isinstance(transform, InvertibleModule):
             raise AutoflowError(
@@ -248,8 +254,14 @@ class Flow(nn.Module):
                 f"Flow expected a base with log_prob and sample methods, received "
                 f"{type(base).__name__} without {' and '.join(missing)}"
             )
+        if context_encoder is not None and not isinstance(context_encoder, nn.Module):
+            raise AutoflowError(
+                f"Flow expected context_encoder to be an nn.Module (so that its parameters are "
+                f"the flow's), received {type(context_encoder).__name__}"
+            )
         self.transform = transform
         self.base = base
+        self.context_encoder = context_encoder
         self.shape = shape
         self.dims = math.prod(shape)
 
@@ -299,7 +311,7 @@ class Flow(nn.Module):
         """
         self._check(x)
         self._check_context(context)
-        z, logdet = call_with_context(self.transform, x, context)
+        z, logdet = call_with_context(self.transform, x, self._encode(context))
         if logdet is None:  # only a transform that broke its own bijective flag gets here
             raise NotBijectiveError(
                 f"{type(self.transform).__name__} reported no log-det; a log-likelihood needs one"
@@ -395,12 +407,18 @@ class Flow(nn.Module):
         z = self.base.sample(self.latent_shape, n, dtype=dtype, device=device,
                              temperature=float(temperature), generator=generator)
         x, logdet_inv = call_with_context(self.transform.inverse, z,
-                                          self._sample_context(context, n))
+                                          self._encode(self._sample_context(context, n)))
         check_logdet(logdet_inv, n, f"Flow transform {type(self.transform).__name__} (inverse)")
         x = x.reshape(*batch_shape, *self.shape)
         if not return_log_prob:
             return x
         return x, (self._base_log_prob(z, n) - logdet_inv).reshape(batch_shape)
+
+    def _encode(self, context: Tensor | None) -> Tensor | None:
+        """The context as the transform takes it: through ``context_encoder`` if there is one."""
+        if context is None or self.context_encoder is None:
+            return context
+        return self.context_encoder(context)
 
     def _sample_context(self, context: Tensor | None, n: int) -> Tensor | None:
         self._check_context(context)

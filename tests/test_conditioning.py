@@ -229,6 +229,34 @@ def test_flow_density_depends_on_the_context():
     assert not torch.allclose(a, b)
 
 
+def test_flow_runs_labels_through_its_context_encoder():
+    torch.manual_seed(0)
+    embed = nn.Embedding(10, 3).double()
+    transform = conditional_flow().transform
+    flow = Flow(transform, (1, 4, 4), context_encoder=embed)
+    assert any(p is embed.weight for p in flow.parameters())  # trained and saved with the flow
+    assert "context_encoder.weight" in flow.state_dict()
+    x = torch.randn(4, 1, 4, 4, dtype=F64)
+    labels = torch.tensor([0, 3, 3, 9])
+    log_p = flow.log_prob(x, context=labels)
+    with torch.no_grad():
+        expected = Flow(transform, (1, 4, 4)).log_prob(x, context=embed(labels))
+    assert torch.allclose(log_p, expected, atol=1e-12)
+    log_p.sum().backward()
+    assert embed.weight.grad[[0, 3, 9]].abs().sum(1).min() > 0  # each label used is trained
+    assert embed.weight.grad[[1, 2]].abs().max() == 0
+    with torch.no_grad():
+        x, reported = flow.sample(3, context=labels[1:2], return_log_prob=True)
+        assert torch.allclose(flow.log_prob(x, context=labels[1:2].expand(3)), reported,
+                              atol=1e-9)
+
+
+def test_a_context_encoder_must_be_a_module():
+    with pytest.raises(AutoflowError, match="context_encoder to be an nn.Module .* received "
+                                            "function"):
+        Flow(conditional_flow().transform, (1, 4, 4), context_encoder=lambda c: c)
+
+
 # Refusals ------------------------------------------------------------------------------------
 
 

@@ -52,28 +52,23 @@ def dequantise(levels: Tensor, generator: torch.Generator | None = None) -> Tens
     return (levels + torch.rand(levels.shape, generator=generator)) / LEVELS - 0.5
 
 
-class ConditionalDigits(nn.Module):
-    """A learned embedding of the label, and a Glow conditioned on it (as on the page)."""
-
-    def __init__(self, *, levels: int, depth: int, hidden: int, embedding: int) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(CLASSES, embedding)
-        transform = autoflow.glow(1, levels=levels, depth_per_level=depth,
-                                  hidden_channels=hidden, context_channels=embedding,
-                                  memory_saving=True)
-        self.flow = autoflow.Flow(transform, (1, 8, 8))
-
-    def log_prob(self, x: Tensor, labels: Tensor) -> Tensor:
-        return self.flow.log_prob(x, context=self.embed(labels))
+def conditional_digits(*, levels: int, depth: int, hidden: int, embedding: int
+                       ) -> autoflow.Flow:
+    """A Glow conditioned on a learned embedding of the label (as on the page)."""
+    embed = nn.Embedding(CLASSES, embedding)
+    transform = autoflow.glow(1, levels=levels, depth_per_level=depth, hidden_channels=hidden,
+                              context_channels=embedding, memory_saving=True)
+    return autoflow.Flow(transform, (1, 8, 8), context_encoder=embed)
 
 
 @torch.no_grad()
-def log_p_every_label(model: ConditionalDigits, x: Tensor) -> Tensor:
+def log_p_every_label(model: autoflow.Flow, x: Tensor) -> Tensor:
     """``log p(x | y)`` for every image and every label, shape ``(B, 10)``."""
-    return torch.stack([model.log_prob(x, torch.full((len(x),), y)) for y in range(CLASSES)], 1)
+    return torch.stack([model.log_prob(x, context=torch.full((len(x),), y))
+                        for y in range(CLASSES)], 1)
 
 
-def evaluate(model: ConditionalDigits, images: Tensor, labels: Tensor, *, draws: int,
+def evaluate(model: autoflow.Flow, images: Tensor, labels: Tensor, *, draws: int,
              seed: int) -> dict[str, float]:
     """Bits/dim given the true and the wrong labels, and the Bayes-rule accuracy."""
     generator = torch.Generator().manual_seed(seed)
@@ -97,7 +92,7 @@ def lr_factor(step: int, steps: int, warmup: int = 100) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
 
 
-def train(model: ConditionalDigits, images: Tensor, labels: Tensor, args: argparse.Namespace
+def train(model: autoflow.Flow, images: Tensor, labels: Tensor, args: argparse.Namespace
           ) -> float:
     """Adam on the mean NLL of fresh dequantised batches; returns the CPU time in seconds."""
     generator = torch.Generator().manual_seed(args.seed + 1)
@@ -108,7 +103,7 @@ def train(model: ConditionalDigits, images: Tensor, labels: Tensor, args: argpar
     model.train()
     for step in range(args.steps):
         index = torch.randint(len(images), (args.batch_size,), generator=generator)
-        loss = -model.log_prob(dequantise(images[index], generator), labels[index]).mean()
+        loss = model.nll(dequantise(images[index], generator), context=labels[index]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 50.0)
@@ -153,7 +148,7 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     train_x, train_y, test_x, test_y = load(args.seed)
-    model = ConditionalDigits(levels=args.levels, depth=args.depth, hidden=args.hidden,
+    model = conditional_digits(levels=args.levels, depth=args.depth, hidden=args.hidden,
                               embedding=args.embedding)
     parameters = sum(p.numel() for p in model.parameters())
     print(f"{len(train_x)} train / {len(test_x)} test digits; Glow {args.levels} levels x "
@@ -161,7 +156,7 @@ def main() -> None:
           f"{parameters:,} parameters")
     with torch.no_grad():  # ActNorm's data-dependent initialisation, on a large batch
         model.train()
-        model.log_prob(dequantise(train_x[:512]), train_y[:512])
+        model.log_prob(dequantise(train_x[:512]), context=train_y[:512])
     model.eval()
     before = evaluate(model, test_x, test_y, draws=1, seed=args.seed + 2)
     print("untrained:", before)
@@ -172,8 +167,8 @@ def main() -> None:
     # One row per digit, drawn on request: a batch of one context shared by the row.
     generator = torch.Generator().manual_seed(args.seed + 3)
     with torch.no_grad():
-        rows = [model.flow.sample(args.per_digit, context=model.embed(torch.tensor([d])),
-                                  temperature=args.temperature, generator=generator)
+        rows = [model.sample(args.per_digit, context=torch.tensor([d]),
+                             temperature=args.temperature, generator=generator)
                 for d in range(CLASSES)]
     samples = torch.stack(rows)[:, :, 0] + 0.5                    # (10, per_digit, 8, 8)
     args.out.mkdir(parents=True, exist_ok=True)
