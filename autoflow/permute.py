@@ -1,10 +1,12 @@
 """Fixed channel permutation: ``y[:, i] = x[:, perm[i]]``, log-det exactly 0.
 
-Input and output are ``(B, C, H, W)``. The permutation is a buffer, so it is saved with the
+Input and output are ``(B, C, H, W)`` or ``(B, C)``. The permutation is a buffer, so it is saved with the
 ``state_dict``; the inverse applies ``argsort(perm)``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -18,17 +20,21 @@ _KINDS = ("random", "reverse")
 
 
 class Permute(InvertibleModule):
-    """Permute channels by a fixed random or reversing permutation.
+    """Permute channels by a fixed random, reversing or given permutation.
 
     A random permutation is drawn from a local generator seeded from torch's global RNG, so
     ``torch.manual_seed`` makes it repeatable.
 
     Args:
         channels: Number of channels ``C``.
-        kind: ``"random"`` or ``"reverse"``.
+        kind: ``"random"`` (the default) or ``"reverse"``.
+        order: A given permutation instead, ``y[:, i] = x[:, order[i]]``: a sequence or 1-D
+            integer tensor holding each of ``0 .. C-1`` once (e.g. the same permutation as
+            another library's model).
 
     Raises:
-        AutoflowError: If ``channels`` is not a positive int or ``kind`` is unknown.
+        AutoflowError: If ``channels`` is not a positive int, ``kind`` is unknown, ``order``
+            is not a permutation of ``0 .. C-1``, or both ``kind`` and ``order`` are given.
 
     Example:
         >>> import torch, autoflow
@@ -42,22 +48,33 @@ class Permute(InvertibleModule):
     perm: Tensor
     inverse_perm: Tensor
 
-    def __init__(self, channels: int, *, kind: str = "random") -> None:
+    def __init__(self, channels: int, *, kind: str | None = None,
+                 order: Sequence[int] | Tensor | None = None) -> None:
         super().__init__()
         check_int(channels, "channels", "Permute")
-        if kind not in _KINDS:
+        if order is not None:
+            if kind is not None:
+                raise AutoflowError(f"Permute takes a kind or an order, not both; received "
+                                    f"kind={kind!r} and an order")
+            perm = _permutation(order, channels)
+            kind = "order"
+        elif kind is None:
+            kind = "random"
+        elif kind not in _KINDS:
             raise AutoflowError(f"Permute kind must be one of {_KINDS}, received {kind!r}")
         self.channels = channels
         self.kind = kind
         if kind == "reverse":
             perm = torch.arange(channels - 1, -1, -1)
-        else:
+        elif kind == "random":
             seed = int(torch.randint(0, 2**62, (1,)).item())
             perm = torch.randperm(channels, generator=torch.Generator().manual_seed(seed))
         self.register_buffer("perm", perm)
         self.register_buffer("inverse_perm", torch.argsort(perm))
 
     def extra_repr(self) -> str:
+        if self.kind == "order":
+            return f"{self.channels}, order={self.perm.tolist()}"
         return f"{self.channels}, kind={self.kind!r}"
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -83,3 +100,19 @@ class Permute(InvertibleModule):
 
     def input_shape(self, output_shape: Shape) -> Shape:
         return check_features_shape(output_shape, self.channels, self)
+
+
+def _permutation(order: object, channels: int) -> Tensor:
+    """``order`` as a long tensor, after checking it holds each of ``0 .. channels-1`` once."""
+    try:
+        perm = torch.as_tensor(order)
+    except (TypeError, ValueError, RuntimeError):
+        perm = None
+    if (perm is None or perm.dim() != 1 or perm.is_floating_point() or perm.is_complex()
+            or perm.dtype == torch.bool
+            or not torch.equal(perm.sort().values.long(), torch.arange(channels))):
+        raise AutoflowError(
+            f"Permute order must hold each of 0 .. {channels - 1} once (a permutation of the "
+            f"{channels} channels), received {order!r}"
+        )
+    return perm.long().clone()

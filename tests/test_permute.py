@@ -56,11 +56,34 @@ def test_reverse_and_state_dict() -> None:
     assert torch.equal(target(x)[0], source(x)[0])
 
 
+@fast
+@given(x=afs.states(channels=st.integers(1, 6), max_size=4), seed=st.integers(0, 99),
+       as_tensor=st.booleans())
+def test_a_given_order_is_the_permutation_applied(x: torch.Tensor, seed: int,
+                                                  as_tensor: bool) -> None:
+    order = torch.randperm(x.shape[1], generator=torch.Generator().manual_seed(seed))
+    perm = Permute(x.shape[1], order=order if as_tensor else order.tolist())
+    y, _ = perm(x)
+    for i, source in enumerate(order.tolist()):
+        assert torch.equal(y[:, i], x[:, source])
+    assert_invertible(perm, x)
+    assert perm.kind == "order" and f"order={order.tolist()}" in repr(perm)
+    order[0] = -1  # the module keeps its own copy
+    assert perm.perm.min() == 0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         ({"channels": 0}, "channels must be an int >= 1, received 0"),
         ({"channels": 3, "kind": "shuffle"}, r"kind must be one of .*received 'shuffle'"),
+        ({"channels": 3, "order": [0, 0, 1]}, r"order must hold each of 0 \.\. 2 once .*"
+                                               r"received \[0, 0, 1\]"),
+        ({"channels": 3, "order": [1, 0]}, r"order must hold each of 0 \.\. 2 once"),
+        ({"channels": 3, "order": [0.0, 2.0, 1.0]}, r"order must hold each of 0 \.\. 2 once"),
+        ({"channels": 3, "order": "abc"}, r"order must hold each of 0 \.\. 2 once"),
+        ({"channels": 3, "kind": "reverse", "order": [2, 1, 0]},
+         "takes a kind or an order, not both"),
     ],
 )
 def test_rejects_bad_construction(kwargs: dict, match: str) -> None:
