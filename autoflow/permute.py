@@ -1,7 +1,7 @@
 """Fixed channel permutation: ``y[:, i] = x[:, perm[i]]``, log-det exactly 0.
 
-Input and output are ``(B, C, H, W)`` or ``(B, C)``. The permutation is a buffer, so it is saved with the
-``state_dict``; the inverse applies ``argsort(perm)``.
+Input and output are ``(B, C, H, W)`` or ``(B, C)``. The permutation is a buffer, so it is
+saved with the ``state_dict``; the inverse applies ``argsort(perm)``.
 """
 
 from __future__ import annotations
