@@ -23,8 +23,9 @@ F64 = torch.float64
 class ChannelScale(InvertibleModule):
     """``y = x * exp(s_c)`` per channel: ``log|det J| = H W sum_c s_c``; faults switched on."""
 
-    def __init__(self, fault: str = "", sign: float = 1.0) -> None:
+    def __init__(self, fault: str = "", sign: float = 1.0, error: float = 1e-6) -> None:
         super().__init__()
+        self.error = error
         self.log_scale = nn.Parameter(sign * torch.tensor([0.3, -0.2, 0.5], dtype=F64))
         self.fault = fault
         self.volume_preserving = fault == "false volume_preserving"
@@ -43,7 +44,7 @@ class ChannelScale(InvertibleModule):
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         x = y * (-self.log_scale).exp()[:, None, None]
         if self.fault == "inverse off":
-            x = x + 1e-6 * x.abs().max()
+            x = x + self.error * x.abs().max()
         logdet = self._logdet(x)
         return x, logdet if self.fault == "inverse logdet sign" else -logdet
 
@@ -101,3 +102,10 @@ def test_a_looser_tolerance_is_honoured_and_a_tighter_one_is_not_met():
         assert_invertible(ChannelScale("inverse off"), x64(), rtol=1e-7)
     assert_logdet_matches_jacobian(ChannelScale("logdet off for the last sample"), x64(),
                                    rtol=1e-5)
+
+
+def test_the_float32_default_tolerance_is_1e_4():
+    x = x64().float()
+    assert_invertible(ChannelScale("inverse off", error=1e-5).float(), x)
+    with pytest.raises(AssertionError, match="tolerance 1.0e-04"):
+        assert_invertible(ChannelScale("inverse off", error=1e-3).float(), x)
