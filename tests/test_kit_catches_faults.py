@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from autoflow import InvertibleModule
+from autoflow import InvertibleModule, Permute
 from autoflow.base import Shape
 from autoflow.testing import assert_invertible, assert_logdet_matches_jacobian
 
@@ -41,12 +41,20 @@ class ChannelScale(InvertibleModule):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return x * self.log_scale.exp()[:, None, None], self._logdet(x)
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, y: Tensor) -> tuple[Tensor | None, Tensor | None]:
         x = y * (-self.log_scale).exp()[:, None, None]
         if self.fault == "inverse off":
             x = x + self.error * x.abs().max()
-        logdet = self._logdet(x)
-        return x, logdet if self.fault == "inverse logdet sign" else -logdet
+        logdet_inv = -self._logdet(x)
+        faults = {
+            "inverse logdet sign": (x, -logdet_inv),
+            "inverse logdet off": (x, logdet_inv + self.error),
+            "inverse output NaN": (x * torch.nan, logdet_inv),
+            "inverse logdet NaN": (x, logdet_inv * torch.nan),
+            "inverse logdet (B, 1)": (x, logdet_inv[:, None]),
+            "inverse logdet missing": (x, None),
+        }
+        return faults.get(self.fault, (x, logdet_inv))
 
     def output_shape(self, input_shape: Shape) -> Shape:
         if self.fault == "output_shape wrong":
@@ -93,6 +101,48 @@ def test_logdet_faults_are_caught_against_the_jacobian(fault, message):
 def test_inverse_and_shape_faults_are_caught(fault, message):
     with pytest.raises(AssertionError, match=message):
         assert_invertible(ChannelScale(fault), x64())
+
+
+@pytest.mark.parametrize(("fault", "message"), [
+    ("inverse output NaN", "assert_invertible: ChannelScale's inverse output contains NaN or "
+                           "inf"),
+    ("inverse logdet NaN", "assert_invertible: ChannelScale's logdet_inv contains NaN or inf"),
+    ("inverse logdet (B, 1)", r"assert_invertible: ChannelScale's logdet_inv must have shape "
+                              r"\(3,\), one value per sample, got \(3, 1\)"),
+    ("inverse logdet missing", "ChannelScale: forward and inverse disagree on having a "
+                               "log-det"),
+])
+def test_faults_of_the_inverse_alone_are_caught_and_named(fault, message):
+    with pytest.raises(AssertionError, match=message):
+        assert_invertible(ChannelScale(fault), x64())
+
+
+class NoLogdet(ChannelScale):
+    """Bijective, but returns no log-det in either direction."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        return super().forward(x)[0], None
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, None]:
+        return super().inverse(y)[0], None
+
+
+def test_a_bijective_module_without_a_logdet_is_caught():
+    with pytest.raises(AssertionError, match="NoLogdet is bijective but returned no log-det"):
+        assert_invertible(NoLogdet(), x64())
+
+
+def test_small_logdets_are_compared_absolutely():
+    # |logdet| <= 1 is compared on an absolute scale of 1: a gap of 1.5e-10 in logdet_inv is
+    # outside the float64 tolerance of 1e-10 (a floor of 2 would let it pass).
+    with pytest.raises(AssertionError, match=r"logdet_inv != -logdet \(relative gap 1\.5"):
+        assert_invertible(ChannelScale("inverse logdet off", sign=0.05, error=1.5e-10), x64())
+
+
+def test_an_exact_bijection_passes_with_zero_tolerance():
+    # The comparisons are "within", not "strictly below": a permutation restores its input
+    # exactly and its log-dets are exactly 0.
+    assert_invertible(Permute(3, kind="reverse"), x64(), rtol=0.0)
 
 
 def test_a_looser_tolerance_is_honoured_and_a_tighter_one_is_not_met():
