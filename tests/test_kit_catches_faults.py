@@ -130,6 +130,16 @@ class NoLogdet(ChannelScale):
 def test_a_bijective_module_without_a_logdet_is_caught():
     with pytest.raises(AssertionError, match="NoLogdet is bijective but returned no log-det"):
         assert_invertible(NoLogdet(), x64())
+    with pytest.raises(AssertionError, match="NoLogdet returned no log-det to check"):
+        assert_logdet_matches_jacobian(NoLogdet(), x64())
+
+
+def test_the_jacobian_check_leaves_the_module_as_it_was():
+    # It works on a float64 copy: the caller's float32 module keeps its dtype and values.
+    module = ChannelScale().float()
+    before = module.log_scale.detach().clone()
+    assert_logdet_matches_jacobian(module, x64().float(), rtol=1e-5)
+    assert module.log_scale.dtype == torch.float32 and torch.equal(module.log_scale, before)
 
 
 def test_small_logdets_are_compared_absolutely():
