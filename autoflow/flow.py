@@ -407,7 +407,7 @@ class Flow(nn.Module):
         z = self.base.sample(self.latent_shape, n, dtype=dtype, device=device,
                              temperature=float(temperature), generator=generator)
         x, logdet_inv = call_with_context(self.transform.inverse, z,
-                                          self._encode(self._sample_context(context, n)))
+                                          self._sample_context(context, n))
         check_logdet(logdet_inv, n, f"Flow transform {type(self.transform).__name__} (inverse)")
         x = x.reshape(*batch_shape, *self.shape)
         if not return_log_prob:
@@ -429,7 +429,9 @@ class Flow(nn.Module):
                 f"Flow.sample expected a context with a batch of 1 (shared) or {n} (one per "
                 f"sample), received shape {tuple(context.shape)}"
             )
-        return context.expand(n, *context.shape[1:])
+        # Encoded before it is expanded: a shared context goes through the encoder once.
+        encoded = self._encode(context)
+        return encoded.expand(n, *encoded.shape[1:])
 
     @staticmethod
     def _sample_shape(sample_shape: object) -> tuple[int, ...]:

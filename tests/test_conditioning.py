@@ -245,8 +245,11 @@ def test_flow_runs_labels_through_its_context_encoder():
     log_p.sum().backward()
     assert embed.weight.grad[[0, 3, 9]].abs().sum(1).min() > 0  # each label used is trained
     assert embed.weight.grad[[1, 2]].abs().max() == 0
+    seen = []
+    embed.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
     with torch.no_grad():
         x, reported = flow.sample(3, context=labels[1:2], return_log_prob=True)
+        assert seen == [1]  # a shared context is encoded once, then expanded
         assert torch.allclose(flow.log_prob(x, context=labels[1:2].expand(3)), reported,
                               atol=1e-9)
 
