@@ -228,6 +228,7 @@ def _permute_kind(features: int) -> str:
 def autoflow_coupling(spline: bool) -> Callable[[Architecture], tuple[nn.Module, LogProb]]:
     def build(arch: Architecture) -> tuple[nn.Module, LogProb]:
         import autoflow
+        from autoflow.spline import spline_params
 
         d, kept = arch.features, arch.features // 2
         modules: list[nn.Module] = []
@@ -235,7 +236,7 @@ def autoflow_coupling(spline: bool) -> Callable[[Architecture], tuple[nn.Module,
             if index:
                 modules.append(autoflow.Permute(d, kind=_permute_kind(d)))
             if spline:
-                per_element = 3 * arch.bins - 1
+                per_element = spline_params(arch.bins)
                 modules.append(autoflow.SplineCoupling(
                     d, bins=arch.bins, bound=SPLINE_BOUND,
                     conditioner=mlp(kept, per_element * (d - kept), arch.hidden)))
