@@ -22,8 +22,13 @@ time)::
     python benchmarks/real_defects.py
     python benchmarks/real_defects.py --ablation --classes hubble moon rocket camera
 
+One data seed is a noisy measurement (which class is hard moves between seeds); main tables of
+several seeds are averaged, without training anything, by::
+
+    python benchmarks/real_defects.py --pool benchmarks/results/real_defects{,_seed2}.json
+
 Results go to ``benchmarks/results/real_defects.{md,json}`` (ablation:
-``real_defects_ablation.{md,json}``).
+``real_defects_ablation.{md,json}``; pooled: ``real_defects_pooled.{md,json}``).
 """
 
 from __future__ import annotations
@@ -280,11 +285,57 @@ def ablation_table(args: argparse.Namespace) -> None:
     _write(args.out, "real_defects_ablation", found, lines, done)
 
 
+def pooled_table(args: argparse.Namespace) -> None:
+    """Average main tables of several data seeds: per class, per row, per metric."""
+    tables = [json.loads(path.read_text()) for path in args.pool]
+    groups = tables[0]["groups"]
+    if any(t["groups"] != groups for t in tables):
+        raise SystemExit(f"--pool: the tables hold different classes: "
+                         f"{[t['groups'] for t in tables]}")
+    rows = ("untrained", "reference", "default")
+    pooled: dict[str, Any] = {
+        c: {r: {m: _mean([t[c][r][m] for t in tables]) for m in METRICS} for r in rows}
+        for members in groups.values() for c in members}
+    pooled["groups"] = groups
+    names = ", ".join(f"`{path.name}`" for path in args.pool)
+    lines = [
+        "# PyramidFlow on real photographs: main tables of several data seeds, averaged",
+        "",
+        f"Command: `python benchmarks/real_defects.py --pool {' '.join(map(str, args.pool))}`. "
+        f"Each cell is the mean over the {len(tables)} tables ({names}; one data seed each, "
+        "same recipe): pixel AUROC / AUPRO@0.3 / image AUROC. The last column is default "
+        "minus reference AUPRO, per table.",
+        "",
+        "| class | group | " + " | ".join(rows) + " | AUPRO default − reference |",
+        "|---|---|" + "---|" * (len(rows) + 1),
+    ]
+
+    def cell(values: dict[str, float]) -> str:
+        return " / ".join(f"{values[m]:.3f}" for m in METRICS)
+
+    def gaps(members: list[str]) -> str:
+        per_table = [_mean([t[c]["default"]["aupro"] - t[c]["reference"]["aupro"]
+                            for c in members]) for t in tables]
+        return ", ".join(f"{gap:+.3f}" for gap in per_table)
+
+    for name, members in groups.items():
+        for c in members:
+            lines.append(f"| {c} | {name} | " + " | ".join(cell(pooled[c][r]) for r in rows)
+                         + f" | {gaps([c])} |")
+    for name, members in groups.items():
+        means = {r: {m: _mean([pooled[c][r][m] for c in members]) for m in METRICS}
+                 for r in rows}
+        lines.append(f"| **mean** | {name} | " + " | ".join(cell(means[r]) for r in rows)
+                     + f" | {gaps(members)} |")
+    _write(args.out, "real_defects_pooled", pooled, lines, [])
+
+
 def _write(folder: Path, stem: str, results: dict[str, Any], lines: list[str],
            jobs: list[dict[str, Any]]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (folder / f"{stem}_runs.json").write_text(json.dumps(jobs, indent=2) + "\n")
+    if jobs:
+        (folder / f"{stem}_runs.json").write_text(json.dumps(jobs, indent=2) + "\n")
     (folder / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -313,8 +364,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="parallel training processes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--pool", nargs="+", type=Path, metavar="JSON",
+                        help="average finished main tables (their .json) of several data "
+                             "seeds into real_defects_pooled.{md,json}; trains nothing")
     args = parser.parse_args()
-    (ablation_table if args.ablation else main_table)(args)
+    if args.pool:
+        pooled_table(args)
+    else:
+        (ablation_table if args.ablation else main_table)(args)
 
 
 if __name__ == "__main__":
