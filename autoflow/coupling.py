@@ -45,6 +45,7 @@ from .base import (
     check_floating,
     check_int,
     exact,
+    self_contained,
 )
 from .elementwise import (
     CLAMP_KINDS,
@@ -126,11 +127,15 @@ def make_conditioner(
         nn.init.zeros_(last.bias)
     return _Conditioner(
         nn.Conv2d(in_channels, hidden_channels, kernel_size, padding=padding, bias=bias),
-        nn.LeakyReLU(),
+        # In place: the first convolution's output is not needed by its backward, and the
+        # activation's backward needs only its result (slope > 0), so autograd keeps one hidden
+        # tensor instead of two (at 1024² in PyramidFlow's finest coupling, 256 MiB less).
+        nn.LeakyReLU(inplace=True),
         last,
     )
 
 
+@self_contained
 class _Conditioner(nn.Sequential):
     """The default conditioner; a ``(B, C)`` vector batch runs through it as 1×1 images."""
 
@@ -575,6 +580,7 @@ class _ChannelCoupling(Coupling):
         return check_features_shape(output_shape, self.channels, self)
 
 
+@self_contained
 class AffineCoupling(_ChannelCoupling):
     """RealNVP affine coupling (eqs. 3-5) on ``(B, channels, H, W)`` or ``(B, channels)``.
 
@@ -641,6 +647,7 @@ class AffineCoupling(_ChannelCoupling):
         )
 
 
+@self_contained
 class AdditiveCoupling(_ChannelCoupling):
     """NICE additive coupling ``y1 = x1 + t(x0)``: the volume-preserving case ``s = 0``.
 
