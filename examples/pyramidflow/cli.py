@@ -234,9 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     exporter.add_argument("--out", type=Path,
                           help="file to write (default: <run>/model.onnx or "
                                "<run>/model.torchscript.pt)")
-    exporter.add_argument("--batch-size", type=int, default=1,
-                          help="images per call of the exported model, fixed at export "
-                               "(default: 1)")
+    exporter.add_argument("--batch-size", type=int,
+                          help="fix the images per call of the exported model (default: any "
+                               "number in onnx, a symbolic batch axis; 1 in torchscript, "
+                               "whose traces fix it)")
     exporter.add_argument("--overwrite", action="store_true",
                           help="replace the output file if it exists")
     return parser
@@ -544,7 +545,7 @@ def _export(args: argparse.Namespace) -> int:
     checkpoint, folder = _resolve_source(args.source)
     out = args.out or folder / _EXPORT_FILES[args.format]
     # Everything is checked before the (slow) export and the write.
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, received {args.batch_size}")
     if args.format == "onnx":
         try:
@@ -562,8 +563,9 @@ def _export(args: argparse.Namespace) -> int:
                          "checkpoint of an unfinished run); export the run's model.pt")
     export(detector, out, args.format, batch_size=args.batch_size)
     size = detector.config.image_size
-    print(f"wrote {out} ({args.format}): images ({args.batch_size}, 3, {size}, {size}) in "
-          f"[0, 1] -> maps ({args.batch_size}, {size}, {size}), scores ({args.batch_size},)")
+    batch = args.batch_size or ("B" if args.format == "onnx" else 1)
+    print(f"wrote {out} ({args.format}): images ({batch}, 3, {size}, {size}) in "
+          f"[0, 1] -> maps ({batch}, {size}, {size}), scores ({batch},)")
     if detector.thresholds is not None:
         print(f"thresholds: image score > {detector.thresholds.image:.6g} is defective, "
               f"pixel > {detector.thresholds.pixel:.6g} is a defect")

@@ -1,19 +1,21 @@
 """Exporting a fitted PyramidFlow for deployment, as an ONNX or a TorchScript file.
 
 The exported model maps a float32 batch of images ``(B, 3, S, S)`` in ``[0, 1]`` (``S`` the
-config's ``image_size``, ``B`` the batch size given at export) to ``(maps, scores)``: the
-anomaly maps ``(B, S, S)`` of :meth:`Detector.predict` and the image scores ``(B,)``, the
-maximum of each map (as in :mod:`.evaluate`). The weights, the latent template, the spread and
-the bank of training latents are constants of the file, so it runs with ``onnxruntime`` or
-``torch.jit.load`` alone, without this package or autoflow. It neither resizes nor checks its
-input (resize to ``S × S`` first, as the detector does with antialiased bilinear
-interpolation); decision thresholds stay in the run's ``model.pt``.
+config's ``image_size``; ``B`` any batch size, or the one given at export) to
+``(maps, scores)``: the anomaly maps ``(B, S, S)`` of :meth:`Detector.predict` and the image
+scores ``(B,)``, the maximum of each map (as in :mod:`.evaluate`). The weights, the latent
+template, the spread and the bank of training latents are constants of the file, so it runs
+with ``onnxruntime`` or ``torch.jit.load`` alone, without this package or autoflow. It neither
+resizes nor checks its input (resize to ``S × S`` first, as the detector does with antialiased
+bilinear interpolation); decision thresholds stay in the run's ``model.pt``.
 
 How: ``torch.export`` traces :class:`AnomalyMapModel` into a graph of plain tensor operations
 (autoflow's Python-side shape checks run once, at trace time); the log-determinants, which
 inference discards, are pruned from it; the graph is then converted to ONNX, or traced to
-TorchScript. The batch size is fixed at export: autoflow's pyramid blocks compare the batch
-sizes of their levels in a Python set, which a symbolic batch size cannot enter.
+TorchScript. In ONNX the batch size is symbolic (the ``images`` input's first axis has a
+name, not a size) unless one is fixed at export (``batch_size=N``, for runtimes that want
+static shapes); a TorchScript trace records sizes as constants, so there it is always fixed
+(default 1).
 
 Example:
     >>> import torch
@@ -132,33 +134,39 @@ def _scorer(source: Any) -> AnomalyMapModel:
                     f"{type(source).__name__}")
 
 
-def _check_batch_size(batch_size: int) -> int:
+def _check_batch_size(batch_size: int | None) -> int | None:
+    if batch_size is None:
+        return None
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int of at least 1, received {batch_size!r}")
+        raise ValueError(f"batch_size must be None (any) or an int of at least 1, received "
+                         f"{batch_size!r}")
     return batch_size
 
 
-def export_program(source: Any, *, batch_size: int = 1) -> torch.export.ExportedProgram:
+def export_program(source: Any, *, batch_size: int | None = None
+                   ) -> torch.export.ExportedProgram:
     """``source``'s anomaly maps and scores as a graph of tensor operations.
 
     Args:
         source: A fitted :class:`~.detector.Detector`, a PyramidFlow with a template, or an
             :class:`AnomalyMapModel`.
-        batch_size: Images per call of the exported model.
+        batch_size: Images per call of the exported model; None (the default): any number.
 
     Returns:
         The exported program, its log-determinant computations pruned.
     """
     scorer = _scorer(source)
     size = scorer.size
-    example = torch.rand(_check_batch_size(batch_size), 3, size, size,
-                         generator=torch.Generator().manual_seed(0))
+    fixed = _check_batch_size(batch_size)
+    # An example batch of 2, not 1: torch.export would specialise a size-1 axis to the constant.
+    example = torch.rand(fixed or 2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    dynamic = None if fixed else ({0: torch.export.Dim("batch", min=1)},)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", _TORCH_NOTICE, FutureWarning)
-        program = torch.export.export(scorer, (example,), strict=False)
+        program = torch.export.export(scorer, (example,), dynamic_shapes=dynamic, strict=False)
     graph = program.graph_module.graph
     # Metadata assertions keep otherwise unused branches (the discarded log-dets, with their
-    # QR factorisation that ONNX lacks) alive; the inputs' shapes are fixed anyway.
+    # QR factorisation that ONNX lacks) alive; the module documents that it checks no input.
     for node in list(graph.nodes):
         if node.op == "call_function" and "assert_tensor_metadata" in str(node.target):
             graph.erase_node(node)
@@ -172,7 +180,7 @@ def export_torchscript(source: Any, path: str | os.PathLike[str], *,
     """Write a TorchScript file of ``source``'s anomaly maps and scores (see the module).
 
     Load it with ``torch.jit.load(path)``; calling it on ``(batch_size, 3, S, S)`` images
-    returns ``(maps, scores)``.
+    returns ``(maps, scores)`` (a trace: other batch sizes are refused or wrong).
 
     Args:
         source: A fitted :class:`~.detector.Detector`, a PyramidFlow with a template, or an
@@ -183,9 +191,12 @@ def export_torchscript(source: Any, path: str | os.PathLike[str], *,
     Returns:
         The file's path.
     """
+    if batch_size is None:
+        raise ValueError("a TorchScript trace fixes the batch size: give an int, or export to "
+                         "onnx for any batch size")
     program = export_program(source, batch_size=batch_size)
     module = program.module()
-    example = torch.rand(batch_size, *program.example_inputs[0][0].shape[1:])
+    example = torch.rand(*program.example_inputs[0][0].shape)
     with torch.no_grad(), warnings.catch_warnings():
         # torch.jit's deprecation notice: TorchScript is still what many runtimes load.
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -195,7 +206,7 @@ def export_torchscript(source: Any, path: str | os.PathLike[str], *,
         return write_atomically(path, lambda partial: torch.jit.save(traced, str(partial)))
 
 
-def export_onnx(source: Any, path: str | os.PathLike[str], *, batch_size: int = 1,
+def export_onnx(source: Any, path: str | os.PathLike[str], *, batch_size: int | None = None,
                 opset: int | None = None) -> Path:
     """Write an ONNX file of ``source``'s anomaly maps and scores (see the module).
 
@@ -208,7 +219,7 @@ def export_onnx(source: Any, path: str | os.PathLike[str], *, batch_size: int = 
         source: A fitted :class:`~.detector.Detector`, a PyramidFlow with a template, or an
             :class:`AnomalyMapModel`.
         path: The file to write (atomically: whole or not at all), weights included.
-        batch_size: Images per call.
+        batch_size: Images per call; None (the default): any number (a symbolic axis).
         opset: ONNX opset version; torch's recommended one when None.
 
     Returns:
@@ -246,9 +257,13 @@ def check_onnx() -> None:
 
 
 def export(source: Any, path: str | os.PathLike[str], format: str, *,
-           batch_size: int = 1) -> Path:
-    """Write ``source`` to ``path`` as ``format``, one of :data:`FORMATS`."""
+           batch_size: int | None = None) -> Path:
+    """Write ``source`` to ``path`` as ``format``, one of :data:`FORMATS`.
+
+    ``batch_size=None``: any batch size in ONNX, 1 in TorchScript (see the module).
+    """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, received {format!r}")
-    writer = export_onnx if format == "onnx" else export_torchscript
-    return writer(source, path, batch_size=batch_size)
+    if format == "onnx":
+        return export_onnx(source, path, batch_size=batch_size)
+    return export_torchscript(source, path, batch_size=batch_size or 1)

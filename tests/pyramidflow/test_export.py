@@ -82,6 +82,31 @@ def test_exported_model_matches_predict(detectors, test_images, tmp_path, form, 
     assert expected.maps.std() > 100 * TOLERANCE
 
 
+@needs_onnxruntime
+def test_onnx_export_takes_any_batch_size(detectors, tmp_path):
+    import onnx
+
+    detector = detectors["local_nearest"]
+    path = export_onnx(detector, tmp_path / "model.onnx")  # no batch size: a symbolic one
+    axis = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0]
+    assert axis.dim_param and not axis.HasField("dim_value")  # a name, not a size
+    for batch in (1, 2, 5):
+        images = torch.rand(batch, 3, 16, 16, generator=torch.Generator().manual_seed(batch))
+        maps, scores = _run_onnx(path, images)
+        expected = detector.predict(images)
+        assert maps.shape == (batch, 16, 16) and scores.shape == (batch,)
+        np.testing.assert_allclose(maps, expected.maps.numpy(), rtol=0, atol=TOLERANCE)
+        np.testing.assert_allclose(scores, expected.scores.numpy(), rtol=0, atol=TOLERANCE)
+
+
+def test_torchscript_needs_a_batch_size(detectors, tmp_path):
+    with pytest.raises(ValueError, match="fixes the batch size"):
+        export_torchscript(detectors["difference"], tmp_path / "model.pt", batch_size=None)
+    with pytest.raises(ValueError, match="None \\(any\\) or an int of at least 1"):
+        export_torchscript(detectors["difference"], tmp_path / "model.pt", batch_size=0)
+    assert not any(tmp_path.iterdir())
+
+
 def test_the_wrapper_copies_and_leaves_the_detector_alone(detectors, test_images):
     model = detectors["local_nearest"].model
     wrapper = AnomalyMapModel(model)
