@@ -11,6 +11,8 @@ seed 0 (the selection seed, never the reporting seed 1), one texture class per c
   pair, matching what the score forgives) and ``loss_unregistered`` (the Fourier loss on
   nearest-neighbour distances between the two images, from anywhere: see
   :func:`unregistered_loss`); both patched into the model here, not library options;
+  ``ema20`` (20 epochs, then the exponential moving average of the weights, decay
+  :data:`EMA_DECAY` per step, replaces the last weights; patched into the optimiser here);
 * scorings of each trained model, which change no weight: ``all`` (the default: the
   composition of every level's distance map), one level alone (``L0`` finest ... ``L3``),
   every level but one (``no0`` ...), the maximum over upsampled levels (``max``), the levels
@@ -42,13 +44,14 @@ from score_selection import latents  # noqa: E402
 
 from examples.pyramidflow import PyramidFlowConfig, train  # noqa: E402
 from examples.pyramidflow.evaluate import metrics_from_maps  # noqa: E402
-from examples.pyramidflow.inference import anomaly_maps  # noqa: E402
+from examples.pyramidflow.inference import anomaly_maps, latent_statistics  # noqa: E402
 from examples.pyramidflow.model import PyramidFlow  # noqa: E402
 from examples.pyramidflow.photos import PhotoDefects  # noqa: E402
 
 SIZE = 128
 VARIANTS = {"untrained": {"epochs": 0}, "ref10": {}, "lr5e-5": {"learning_rate": 5e-5},
-            "loss_shift1": {}, "loss_unregistered": {}}
+            "loss_shift1": {}, "loss_unregistered": {}, "ema20": {"epochs": 20}}
+EMA_DECAY = 0.98  # per optimiser step: an average over about the last 50 steps (3 epochs)
 WEIGHTS = {"w2000": (2, 1, 1, 1), "w4000": (4, 1, 1, 1), "geo": (1, 0.5, 0.25, 0.125),
            "L01": (1, 1, 0, 0)}
 COLUMNS = ("all", "L0", "L1", "L2", "L3", "no0", "no3", "max", *WEIGHTS, "flips")
@@ -92,6 +95,23 @@ def unregistered_loss(model: PyramidFlow, latents: tuple[torch.Tensor, ...],
     return torch.fft.fft2(model.compose(tuple(differences)).mean(1)).abs().mean()
 
 
+def _adam_with_average(averages: list) -> type:
+    """Adam that also keeps an exponential moving average of the weights it steps."""
+
+    class AveragingAdam(torch.optim.Adam):
+        def step(self, closure=None):  # noqa: ANN001, ANN202
+            found = super().step(closure)
+            if not averages:
+                averages.extend((p, p.detach().clone()) for group in self.param_groups
+                                for p in group["params"])
+            else:
+                for parameter, average in averages:
+                    average.lerp_(parameter.detach(), 1 - EMA_DECAY)
+            return found
+
+    return AveragingAdam
+
+
 LOSSES = {"loss_shift1": shift_tolerant_loss, "loss_unregistered": unregistered_loss}
 
 
@@ -105,7 +125,15 @@ def measure(category: str, variant: str) -> dict[str, list[float]]:
     test_set = PhotoDefects(category, "test", 32, image_size=SIZE, seed=0)
     if variant in LOSSES:
         PyramidFlow.loss = LOSSES[variant]  # type: ignore[method-assign]
+    averages: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if variant == "ema20":
+        torch.optim.Adam = _adam_with_average(averages)  # type: ignore[misc]
     model = train(config, train_set, progress=False).model.eval()
+    if averages:  # the averaged weights replace the last ones, and the template is refit
+        with torch.no_grad():
+            for parameter, average in averages:
+                parameter.copy_(average)
+        model.set_template(latent_statistics(model, train_set))
     test_latents, masks, labels = latents(model, test_set)
     with torch.no_grad():
         levels = model._nearest_scores(tuple(test_latents))
