@@ -25,12 +25,14 @@ from .base import (
     check_int,
     exact,
     positions,
+    self_contained,
 )
 from .errors import AutoflowError
 
 __all__ = ["ActNorm"]
 
 
+@self_contained
 class ActNorm(InvertibleModule):
     """Per-channel affine normalisation ``y = (x + b) * exp(log_scale)``.
 

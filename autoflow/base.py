@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import threading
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -195,12 +196,50 @@ class InvertibleModule(nn.Module):
         return recompute(lambda s: call_with_context(self.inverse, s, context), y)
 
 
+class _RandomnessSwitch(threading.local):
+    """Per thread: whether :func:`same_randomness` forks the random-number state.
+
+    The memory-saving engine turns it off while it reconstructs a module whose forward pass drew
+    no random numbers: the fork would cost two state copies and change nothing. Per thread
+    because autograd may run the backward passes of chains on different devices in parallel.
+    """
+
+    fork = True
+
+
+RANDOMNESS = _RandomnessSwitch()
+
+#: Module classes whose own code (``forward``, ``inverse``, the reconstruction hooks) reads no
+#: tensor requiring grad other than its arguments and the parameters and buffers registered in
+#: the module and its submodules. The memory-saving engine then takes those as the tensors a
+#: module's gradient flows to instead of watching every operation of its forward pass. Exact
+#: classes only: a subclass may change that code, so it is not covered until it is added itself.
+SELF_CONTAINED: set[type[nn.Module]] = {
+    nn.Sequential, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Identity, nn.Dropout,
+    nn.LeakyReLU, nn.ReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
+}
+
+
+def self_contained(cls: type[nn.Module]) -> type[nn.Module]:
+    """Class decorator: add ``cls`` (exactly, not its subclasses) to :data:`SELF_CONTAINED`.
+
+    Only for classes whose code reads tensors requiring grad from nowhere but its arguments and
+    its module tree; ``tests/test_engine_fast_paths.py`` checks every such class with the engine's
+    operation recorder.
+    """
+    SELF_CONTAINED.add(cls)
+    return cls
+
+
 def same_randomness(state: State) -> contextlib.AbstractContextManager:
     """Restore the random-number state on exit, so the next call draws the same numbers.
 
     A reconstruction runs a conditioner twice (to invert, then to rebuild the graph); both runs
-    must see the dropout masks of the original forward pass.
+    must see the dropout masks of the original forward pass. A no-op while the engine rebuilds a
+    module that drew no random numbers (see ``RANDOMNESS``).
     """
+    if not RANDOMNESS.fork:
+        return contextlib.nullcontext()
     device = flatten_state(state)[0].device
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 

@@ -39,6 +39,7 @@ from .base import (
     check_int,
     exact,
     positions,
+    self_contained,
 )
 from .errors import AutoflowError
 
@@ -63,6 +64,7 @@ def _seeded_generator() -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+@self_contained
 class InvConv1x1(InvertibleModule):
     """Invertible 1x1 convolution with a PLU-parametrised weight, or a plain one.
 

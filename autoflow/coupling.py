@@ -45,6 +45,7 @@ from .base import (
     check_floating,
     check_int,
     exact,
+    self_contained,
 )
 from .elementwise import (
     CLAMP_KINDS,
@@ -134,6 +135,7 @@ def make_conditioner(
     )
 
 
+@self_contained
 class _Conditioner(nn.Sequential):
     """The default conditioner; a ``(B, C)`` vector batch runs through it as 1×1 images."""
 
@@ -578,6 +580,7 @@ class _ChannelCoupling(Coupling):
         return check_features_shape(output_shape, self.channels, self)
 
 
+@self_contained
 class AffineCoupling(_ChannelCoupling):
     """RealNVP affine coupling (eqs. 3-5) on ``(B, channels, H, W)`` or ``(B, channels)``.
 
@@ -644,6 +647,7 @@ class AffineCoupling(_ChannelCoupling):
         )
 
 
+@self_contained
 class AdditiveCoupling(_ChannelCoupling):
     """NICE additive coupling ``y1 = x1 + t(x0)``: the volume-preserving case ``s = 0``.
 

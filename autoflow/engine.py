@@ -18,14 +18,17 @@ What the engine guarantees (otherwise it raises :class:`~autoflow.EngineError`):
   hypernetwork's weight). They are found while the forward pass runs, by a
   :class:`~torch.overrides.TorchFunctionMode` that notes every tensor argument requiring grad
   (under ``no_grad`` nothing the module computes requires grad, so whatever does came from
-  outside); module writers declare nothing;
+  outside); module writers declare nothing. A self-contained module (every class in its tree
+  declared with :func:`~autoflow.base.self_contained`, no hooks, only plain data in its
+  attributes: checked at every call) is not watched, its registered tensors are taken instead;
 * what a reconstruction needs is what the forward pass saw: the version counter of every such
   tensor and of every buffer the module read without updating it is recorded, and a change
   before backward (an optimizer step, an in-place edit) is refused, as autograd refuses;
   train/eval mode of every submodule and the autocast state are recorded and restored;
 * module state (running statistics, data-dependent initialisation) is updated once, by the
   forward pass: buffers changed by a reconstruction are restored, and the random-number state
-  each module saw is replayed, so dropout masks match;
+  of each module that drew random numbers is replayed, so dropout masks match (the caller's
+  state is put back after the backward pass);
 * ``create_graph=True`` (double backward) is refused: rebuilt inputs carry no graph to the
   chain's output, so second-order gradients cannot be right;
 * anchored inputs and the saved output are held by autograd and freed by the backward pass.
@@ -55,6 +58,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .base import (
+    RANDOMNESS,
+    SELF_CONTAINED,
     InvertibleModule,
     Reconstruction,
     State,
@@ -64,7 +69,6 @@ from .base import (
     flatten_state,
     pack_like,
     recompute,
-    same_randomness,
     state_shape,
     structure_of,
     sum_logdets,
@@ -82,7 +86,8 @@ _ENGINE_WRITES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _user_version(t: Tensor) -> int:
-    return t._version - _ENGINE_WRITES.get(t, 0)
+    # The dictionary is empty unless a reconstruction wrote a buffer: skip the weak lookup then.
+    return t._version - _ENGINE_WRITES.get(t, 0) if len(_ENGINE_WRITES) else t._version
 
 
 @dataclass
@@ -95,8 +100,9 @@ class EngineOptions:
         debug: Keep every module's true input, compare it with the reconstruction during
             backward and record the worst relative error per module in ``errors``; also check
             for non-finite values in the forward pass. Costs the memory the engine saves.
-        preserve_rng_state: Replay each module's random-number state during reconstruction,
-            so randomness (dropout) in conditioners is identical to the forward pass.
+        preserve_rng_state: Replay the random-number state of each module that drew random
+            numbers during its reconstruction, so randomness (dropout) in conditioners is
+            identical to the forward pass.
         errors: Worst relative reconstruction error seen per module name (debug mode).
     """
 
@@ -223,6 +229,56 @@ class _GradTensorRecorder(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+# Keys of a bare nn.Module's __dict__ (flags, parameter/buffer/submodule tables, hook tables).
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+_PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
+_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def _global_hooks_present() -> bool:
+    """Whether a module hook is registered for all modules (it could read any tensor)."""
+    from torch.nn.modules import module
+
+    return any(getattr(module, table, None) for table in _GLOBAL_HOOKS)
+
+
+def _is_plain(value: object) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(item) for item in value)
+    return isinstance(value, _PLAIN)
+
+
+def _own_grad_tensors(modules: list[nn.Module]) -> list[Tensor] | None:
+    """The tensors requiring grad that a self-contained module tree can read, or ``None``.
+
+    A tree is self-contained when every module in it is exactly of a class in
+    :data:`~autoflow.base.SELF_CONTAINED` (whose code reads tensors requiring grad only from its
+    arguments and its module tree), has no hooks, and holds nothing in its attributes but plain
+    data: a tensor, a function or another object there could bring in a tensor from outside
+    (a hypernetwork's weight assigned over a parameter, a patched ``forward``, a borrowed
+    module). Its gradient then flows to nothing but its registered parameters and buffers that
+    require grad, and the engine need not watch every operation to find them; for any other
+    tree it returns ``None`` and the :class:`_GradTensorRecorder` finds them.
+    """
+    found: dict[int, Tensor] = {}
+    for m in modules:
+        if type(m) not in SELF_CONTAINED:
+            return None
+        attributes = vars(m)
+        if any(attributes[table] for table in _HOOK_TABLES):
+            return None
+        for key, value in attributes.items():
+            if key not in _MODULE_INTERNALS and not _is_plain(value):
+                return None
+        for table in (m._parameters, m._buffers):
+            for t in table.values():
+                if t is not None and t.requires_grad:
+                    found.setdefault(id(t), t)
+    return list(found.values())
+
+
 def _autocast_state(device_type: str) -> list[tuple[str, bool, torch.dtype, bool]]:
     cache = torch.is_autocast_cache_enabled()
     return [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind), cache)
@@ -277,6 +333,8 @@ class _Plan:
         position: dict[int, int] = {}
         kept_tensors: list[Tensor] = []
         logdets = []
+        global_hooks = _global_hooks_present()
+        rng = _rng_state(state) if self.options.preserve_rng_state else None
         with torch.no_grad():
             for i, (name, block) in enumerate(self.blocks):
                 self.input_shapes.append(state_shape(state))
@@ -284,16 +342,30 @@ class _Plan:
                     tensors = flatten_state(state)
                     self.kept.append((i, len(tensors), structure_of(state)))
                     kept_tensors += tensors
-                self.rng_states.append(_rng_state(state) if self.options.preserve_rng_state
-                                       else None)
-                self.training.append([m.training for m in block.modules()])
-                self.slots.append(_slots(block))
-                buffers = list(block.buffers())
+                modules = list(block.modules())
+                self.training.append([m.training for m in modules])
+                self.slots.append(_slots(modules))
+                buffers = [b for m in modules for b in m._buffers.values() if b is not None]
                 before = [b._version for b in buffers]
-                recorder = _GradTensorRecorder()
-                with recorder:
+                found = None if global_hooks else _own_grad_tensors(modules)
+                if found is None:
+                    recorder = _GradTensorRecorder()
+                    with recorder:
+                        state, logdet = _step(name, block, state, self.inverse, self.context)
+                    found = list(recorder.found.values())
+                else:
                     state, logdet = _step(name, block, state, self.inverse, self.context)
-                found = list(recorder.found.values())
+                    context = _context_for(block, self.context)
+                    if isinstance(context, Tensor) and context.requires_grad:
+                        found.append(context)
+                if rng is not None:
+                    # Replay only what was drawn: most modules draw nothing, and then the
+                    # backward pass skips the random-number state (two copies per module).
+                    after = _rng_state(state)
+                    self.rng_states.append(None if _same_rng(rng, after) else rng)
+                    rng = after
+                else:
+                    self.rng_states.append(None)
                 ids = []
                 for t in found:
                     k = position.setdefault(id(t), len(self.externals))
@@ -345,72 +417,71 @@ class _Plan:
         return (f"a tensor of shape {tuple(tensor.shape)} that requires grad and that it uses "
                 "(not one of its own parameters)")
 
-@contextlib.contextmanager
-def _frozen_buffers(module: nn.Module) -> Iterator[None]:
-    """Restore every buffer the reconstruction changed, so it leaves no trace."""
-    saved = [(owner, name, buf, buf._version, buf.clone()) for owner in module.modules()
-             for name, buf in owner._buffers.items() if buf is not None]
-    try:
-        yield
-    finally:
-        for owner, name, buf, version, value in saved:
-            if owner._buffers.get(name) is not buf:
-                owner._buffers[name] = buf  # replaced by the reconstruction: put it back
+class _AsInForward:
+    """Put a module as its forward pass found it for the reconstruction, and back afterwards.
+
+    * every submodule gets the train/eval mode it had in the forward pass;
+    * the parameter and buffer tensors the forward pass used are put back if they were
+      replaced: ``torch.func.functional_call`` swaps tensors in only for the forward call, and
+      a user may assign a new parameter before backward;
+    * every buffer the reconstruction writes (running statistics) is restored on exit, so the
+      reconstruction leaves no trace. Buffers are restored only after the local backward:
+      autograd checks that tensors it saved (batch-norm running statistics) were not modified
+      in between.
+
+    A plain class rather than three generator context managers: it runs for every module of
+    every step, and mostly finds nothing to change but the buffers.
+    """
+
+    def __init__(self, name: str, block: nn.Module, flags: list[bool],
+                 slots: list[tuple[dict, str, Tensor]]) -> None:
+        self.name, self.block, self.flags, self.slots = name, block, flags, slots
+
+    def __enter__(self) -> None:
+        modules = list(self.block.modules())
+        current = [m.training for m in modules]
+        self.training = None
+        if current != self.flags:
+            if len(modules) != len(self.flags):
+                raise EngineError(
+                    f"memory-saving engine: module '{self.name}' ({type(self.block).__name__}) "
+                    f"had {len(self.flags)} submodules in the forward pass and has "
+                    f"{len(modules)} now; its structure may not change between forward and "
+                    "backward"
+                )
+            for m, flag in zip(modules, self.flags):
+                m.training = flag
+            self.training = (modules, current)
+        self.replaced = [(table, name, t, table.get(name)) for table, name, t in self.slots
+                         if table.get(name) is not t]
+        for table, name, t, _ in self.replaced:
+            table[name] = t
+        self.buffers = [(m._buffers, name, buf, buf._version, buf.clone()) for m in modules
+                        for name, buf in m._buffers.items() if buf is not None]
+
+    def __exit__(self, *exc_info: object) -> None:
+        for table, name, buf, version, value in self.buffers:
+            if table.get(name) is not buf:
+                table[name] = buf  # replaced by the reconstruction: put it back
             if buf._version != version:
                 _ENGINE_WRITES[buf] = _ENGINE_WRITES.get(buf, 0) + buf._version - version
             # Copied back whatever its version says (batch norm updates running statistics
             # without incrementing it), through .data so that the restore itself does not.
             buf.data.copy_(value)
-
-
-@contextlib.contextmanager
-def _training_as(name: str, block: nn.Module, flags: list[bool]) -> Iterator[None]:
-    """Put every submodule in the train/eval mode it had during the forward pass."""
-    modules = list(block.modules())
-    current = [m.training for m in modules]
-    if current == flags:
-        yield
-        return
-    if len(modules) != len(flags):
-        raise EngineError(
-            f"memory-saving engine: module '{name}' ({type(block).__name__}) had "
-            f"{len(flags)} submodules in the forward pass and has {len(modules)} now; its "
-            "structure may not change between forward and backward"
-        )
-    for m, flag in zip(modules, flags):
-        m.training = flag
-    try:
-        yield
-    finally:
-        for m, flag in zip(modules, current):
-            m.training = flag
-
-
-def _slots(block: nn.Module) -> list[tuple[dict, str, Tensor]]:
-    return [(table, name, t) for m in block.modules()
-            for table in (m._parameters, m._buffers) for name, t in table.items()
-            if t is not None]
-
-
-@contextlib.contextmanager
-def _slots_as(slots: list[tuple[dict, str, Tensor]]) -> Iterator[None]:
-    """Put back the parameter and buffer tensors the forward pass used, if they were replaced.
-
-    ``torch.func.functional_call`` swaps tensors in only for the forward call, and a user may
-    assign a new parameter before backward: the reconstruction must use what the forward did.
-    """
-    replaced = [(table, name, table.get(name)) for table, name, t in slots
-                if table.get(name) is not t]
-    for table, name, t in slots:
-        table[name] = t
-    try:
-        yield
-    finally:
-        for table, name, current in replaced:
+        for table, name, _, current in self.replaced:
             if current is None:
                 table.pop(name, None)
             else:
                 table[name] = current
+        if self.training is not None:
+            for m, flag in zip(*self.training):
+                m.training = flag
+
+
+def _slots(modules: list[nn.Module]) -> list[tuple[dict, str, Tensor]]:
+    return [(table, name, t) for m in modules
+            for table in (m._parameters, m._buffers) for name, t in table.items()
+            if t is not None]
 
 
 class _MemorySavingChain(torch.autograd.Function):
@@ -464,30 +535,34 @@ class _MemorySavingChain(torch.autograd.Function):
                       for g, t in zip(grads[:-1], outputs)]
         grad_logdet = grads[-1] if plan.has_logdet else None
         external_grads: list[Tensor | None] = [None] * len(plan.externals)
-        for i in reversed(range(len(plan.blocks))):
-            name, block = plan.blocks[i]
-            plan.check_versions(i)
-            wanted = [plan.externals[k] for k in plan.block_externals[i]]
-            # Buffers are restored only after the local backward: autograd checks that tensors
-            # it saved (batch-norm running statistics) were not modified in between.
-            with _training_as(name, block, plan.training[i]), _slots_as(plan.slots[i]), \
-                    _frozen_buffers(block):
-                with torch.enable_grad(), _replay_rng(plan.rng_states[i], state), _autocast_as(
-                    plan.autocast
-                ):
-                    rec = _reconstruct(plan, name, block, state, kept.get(i))
-                rebuilt = rec.input_from_leaves([leaf.detach() for leaf in rec.leaves])
-                _check_reconstruction(plan, i, name, rebuilt, kept.get(i))
-                if plan.options.debug:
-                    _check_graph_leaves(name, block, rec, wanted)
-                leaf_grads, found = _local_backward(rec, grad_state, grad_logdet, wanted)
-            for k, g in zip(plan.block_externals[i], found):
-                if g is not None:
-                    # A tensor used by several modules gets the sum of their contributions.
-                    external_grads[k] = g if external_grads[k] is None else external_grads[k] + g
-            state = rebuilt
-            grad_state = flatten_state(rec.input_from_leaves(leaf_grads))
-            del rec
+        # Autocast is entered per module only if the forward pass had another state than now.
+        autocast = None if plan.autocast == _autocast_state(plan.device_type) else plan.autocast
+        # Modules that drew random numbers get their state replayed; the state found here is
+        # put back once at the end, so that the backward pass draws nothing for the caller.
+        outer_rng = _rng_state(state) if plan.options.preserve_rng_state else None
+        try:
+            for i in reversed(range(len(plan.blocks))):
+                name, block = plan.blocks[i]
+                plan.check_versions(i)
+                wanted = [plan.externals[k] for k in plan.block_externals[i]]
+                with _AsInForward(name, block, plan.training[i], plan.slots[i]):
+                    rec = _rebuild(plan, i, state, kept.get(i), autocast)
+                    rebuilt = rec.input_from_leaves([leaf.detach() for leaf in rec.leaves])
+                    _check_reconstruction(plan, i, name, rebuilt, kept.get(i))
+                    if plan.options.debug:
+                        _check_graph_leaves(name, block, rec, wanted)
+                    leaf_grads, found = _local_backward(rec, grad_state, grad_logdet, wanted)
+                for k, g in zip(plan.block_externals[i], found):
+                    if g is not None:
+                        # A tensor used by several modules gets the sum of their contributions.
+                        external_grads[k] = (g if external_grads[k] is None
+                                             else external_grads[k] + g)
+                state = rebuilt
+                grad_state = flatten_state(rec.input_from_leaves(leaf_grads))
+                del rec
+        finally:
+            if outer_rng is not None:
+                _set_rng_state(outer_rng)
         input_grads = [g if wanted else None
                        for g, wanted in zip(grad_state, plan.input_requires_grad)]
         return (None, *input_grads, *external_grads)
@@ -575,19 +650,51 @@ def _local_backward(rec, grad_state, grad_logdet, externals):
     return leaf_grads, found
 
 
-def _rng_state(state: State):
+def _rng_state(state: State) -> tuple[Tensor, Tensor | None, torch.device]:
+    """The default generators' states: the CPU's, and the GPU's where ``state`` lives."""
     device = flatten_state(state)[0].device
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
+    return torch.get_rng_state(), cuda, device
 
 
-@contextlib.contextmanager
-def _replay_rng(saved, state: State) -> Iterator[None]:
-    if saved is None:
-        yield
-        return
-    with same_randomness(state):
-        torch.set_rng_state(saved[0])
-        if saved[1] is not None:
-            torch.cuda.set_rng_state(saved[1], flatten_state(state)[0].device)
-        yield
+def _same_rng(a: tuple[Tensor, Tensor | None, torch.device],
+              b: tuple[Tensor, Tensor | None, torch.device]) -> bool:
+    """Whether no random number was drawn between two :func:`_rng_state` snapshots.
+
+    Any draw moves a generator's state (the Mersenne twister's position, the Philox offset).
+    """
+    return torch.equal(a[0], b[0]) and (a[1] is None) == (b[1] is None) and (
+        a[1] is None or torch.equal(a[1], b[1]))
+
+
+def _set_rng_state(saved: tuple[Tensor, Tensor | None, torch.device]) -> None:
+    torch.set_rng_state(saved[0])
+    if saved[1] is not None:
+        torch.cuda.set_rng_state(saved[1], saved[2])
+
+
+def _rebuild(plan: _Plan, i: int, state: State, kept: State | None,
+             autocast: list | None) -> Reconstruction:
+    """Reconstruct module ``i`` with a local graph, with the randomness and autocast state its
+    forward pass had.
+
+    A module that drew random numbers gets the generator state it started from, and its
+    reconstruction forks it (:func:`~autoflow.base.same_randomness`) so that inverting and
+    recomputing both see it. A module that drew none needs neither: its reconstruction runs
+    with forks switched off.
+    """
+    name, block = plan.blocks[i]
+    saved = plan.rng_states[i]
+    fork = RANDOMNESS.fork
+    if saved is not None:
+        _set_rng_state(saved)
+    elif plan.options.preserve_rng_state:
+        RANDOMNESS.fork = False
+    try:
+        with torch.enable_grad():
+            if autocast is None:
+                return _reconstruct(plan, name, block, state, kept)
+            with _autocast_as(autocast):
+                return _reconstruct(plan, name, block, state, kept)
+    finally:
+        RANDOMNESS.fork = fork

@@ -11,7 +11,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .base import InvertibleModule, Shape, check_features, check_features_shape, check_int
+from .base import (
+    InvertibleModule,
+    Shape,
+    check_features,
+    check_features_shape,
+    check_int,
+    self_contained,
+)
 from .errors import AutoflowError
 
 __all__ = ["Permute"]
@@ -19,6 +26,7 @@ __all__ = ["Permute"]
 _KINDS = ("random", "reverse")
 
 
+@self_contained
 class Permute(InvertibleModule):
     """Permute channels by a fixed random, reversing or given permutation.
 

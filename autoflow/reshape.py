@@ -24,7 +24,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .base import InvertibleModule, Shape, check_image, check_image_shape, check_int
+from .base import InvertibleModule, Shape, check_image, check_image_shape, check_int, self_contained
 from .errors import AutoflowError, ShapeError
 
 __all__ = ["HaarDownsample", "Squeeze"]
@@ -69,6 +69,7 @@ class _Downsample2x(InvertibleModule):
         return (c // 4, 2 * h, 2 * w)
 
 
+@self_contained
 class HaarDownsample(_Downsample2x):
     """Orthonormal 2-D Haar wavelet transform per channel; a bijection with log-det 0.
 
@@ -123,6 +124,7 @@ class HaarDownsample(_Downsample2x):
         return x, y.new_zeros(y.shape[0])
 
 
+@self_contained
 class Squeeze(_Downsample2x):
     """Space-to-depth: move each 2x2 block of a channel into 4 channels; log-det 0.
 

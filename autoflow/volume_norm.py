@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import check_image
+from .base import check_image, self_contained
 from .errors import AutoflowError, ShapeError
 
 __all__ = ["VolumeNorm"]
@@ -29,6 +29,7 @@ __all__ = ["VolumeNorm"]
 _DIMS = {"channel": (0, 1), "spatial": (0, 2, 3)}
 
 
+@self_contained
 class VolumeNorm(nn.Module):
     """Subtract the mean of a log-scale so an affine map preserves volume on average.
 

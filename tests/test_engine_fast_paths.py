@@ -1,0 +1,253 @@
+"""The engine's fast paths (issue 14) give plain autograd's results, and are left when unsure.
+
+Two shortcuts make the engine cheap on many small modules: a self-contained module (every
+class in its tree declared with ``@self_contained``, no hooks, only plain data in its
+attributes) is not run under the operation recorder, its gradient going to its registered
+tensors; and a module whose forward pass drew no random numbers gets no random-number replay.
+Each test here fails if a shortcut is taken where it must not be, or gives something else than
+plain autograd where it is taken.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import autoflow
+from autoflow import ActNorm, AffineCoupling, InvertibleModule, Permute, Sequential, engine
+from autoflow.base import RANDOMNESS, SELF_CONTAINED, flatten_state
+from autoflow.testing import assert_engine_gradients_match, relative_error
+
+from toys import ToyCoupling, perturb
+
+
+def _gradients(make, x: Tensor, memory_saving: bool) -> list[Tensor | None]:
+    """Gradients of a fixed loss w.r.t. ``x``, the chain's parameters and the extra tensors.
+
+    ``make(memory_saving)`` returns ``(chain, extras)``; it is called under the same seed for
+    both runs, so the two chains and extras are equal.
+    """
+    torch.manual_seed(0)
+    chain, extras = make(memory_saving)
+    x = x.clone().requires_grad_()
+    y, logdet = chain(x)
+    weights = torch.Generator().manual_seed(1)
+    loss = logdet.sum() + sum((t * torch.randn(t.shape, generator=weights, dtype=t.dtype)).sum()
+                              for t in flatten_state(y))
+    tensors = [x, *chain.parameters(), *extras]
+    return list(torch.autograd.grad(loss, tensors, allow_unused=True))
+
+
+def _assert_same_gradients(make, x: Tensor) -> None:
+    plain, saving = _gradients(make, x, False), _gradients(make, x, True)
+    for i, (a, b) in enumerate(zip(plain, saving)):
+        assert (a is None) == (b is None), f"tensor {i}: gradient {a is None} vs {b is None}"
+        if a is not None:
+            assert relative_error(b, a) < 1e-10, f"tensor {i} differs from plain autograd"
+
+
+def _coupling(channels: int = 4) -> AffineCoupling:
+    coupling = AffineCoupling(channels, hidden_channels=6)
+    nn.init.normal_(coupling.conditioner[-1].weight, std=0.1)  # not the identity
+    return coupling
+
+
+X = torch.randn(3, 4, 4, 4, dtype=torch.float64)
+
+
+# Self-contained modules ---------------------------------------------------------------------
+
+def _samples() -> list[nn.Module]:
+    """One or more instances of every self-contained autoflow class, in float64."""
+    glow = autoflow.glow(1, levels=2, depth_per_level=1, hidden_channels=4)
+    plain_glow = autoflow.glow(1, levels=2, depth_per_level=1, hidden_channels=4,
+                               mixing="permute", learned_prior=False, downsample="haar")
+    return [m.double() for m in (
+        glow, plain_glow, AffineCoupling(4, volume_norm="channel"),
+        autoflow.AdditiveCoupling(4), autoflow.InvConv1x1(4, lu=False),
+    )]
+
+
+def test_every_self_contained_class_reads_only_its_own_tensors():
+    """The operation recorder, run over each sample, finds nothing but registered tensors."""
+    covered = set()
+    for sample in _samples():
+        sample.train()
+        for block in sample.children() if isinstance(sample, Sequential) else [sample]:
+            covered |= {type(m) for m in block.modules()}
+        for p in sample.parameters():
+            nn.init.normal_(p, std=0.1)
+        x = torch.randn(2, 1 if sample.__class__ is Sequential else 4, 8, 8,
+                        dtype=torch.float64)
+        own = {id(t) for t in (*sample.parameters(), *sample.buffers())}
+        recorder = engine._GradTensorRecorder()
+        with torch.no_grad(), recorder:
+            y, _ = sample(x)
+            sample.inverse(y)
+        assert recorder.found, "the sample should use parameters requiring grad"
+        # Under no_grad a view of a parameter (a reshape) still says it requires grad.
+        outside = [t for t in recorder.found.values()
+                   if id(t) not in own and (t._base is None or id(t._base) not in own)]
+        assert not outside, [tuple(t.shape) for t in outside]
+    ours = {c for c in SELF_CONTAINED if c.__module__.startswith("autoflow")}
+    assert ours <= covered, f"not sampled: {sorted(c.__name__ for c in ours - covered)}"
+
+
+def test_the_benchmark_glow_takes_the_fast_path_everywhere():
+    flow = autoflow.glow(1, levels=3, depth_per_level=2, hidden_channels=4, mixing="permute",
+                         learned_prior=False)
+    for name, block in flow.named_children():
+        assert engine._own_grad_tensors(list(block.modules())) is not None, name
+
+
+class _ScaledCoupling(AffineCoupling):
+    """A subclass reading a tensor from outside (a module-level table): not self-contained."""
+
+    def _params(self, kept, target, *, update, context=None):
+        s, t = super()._params(kept, target, update=update, context=context)
+        return s, t * _OUTSIDE["scale"]
+
+
+_OUTSIDE: dict[str, Tensor] = {}
+
+
+def test_a_subclass_of_a_self_contained_class_is_watched():
+    def make(memory_saving):
+        _OUTSIDE["scale"] = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+        coupling = _ScaledCoupling(4, hidden_channels=6)
+        nn.init.normal_(coupling.conditioner[-1].weight, std=0.1)
+        chain = Sequential(ActNorm(4), coupling, memory_saving=memory_saving).double()
+        return chain, [_OUTSIDE["scale"]]
+
+    _assert_same_gradients(make, X)
+
+
+def test_a_hook_on_a_submodule_is_watched():
+    def make(memory_saving):
+        scale = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+        coupling = _coupling()
+        coupling.conditioner[0].register_forward_hook(lambda m, args, out: out * scale)
+        return Sequential(coupling, Permute(4), memory_saving=memory_saving).double(), [scale]
+
+    _assert_same_gradients(make, X)
+
+
+def test_a_global_module_hook_is_watched():
+    scale = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+
+    def hook(module, args, out):
+        return out * scale if isinstance(module, nn.Conv2d) else None
+
+    def make(memory_saving):
+        return Sequential(_coupling(), memory_saving=memory_saving).double(), [scale]
+
+    handle = nn.modules.module.register_module_forward_hook(hook)
+    try:
+        _assert_same_gradients(make, X)
+    finally:
+        handle.remove()
+
+
+def test_a_tensor_assigned_over_a_parameter_is_watched():
+    """A hypernetwork-style weight: the parameter replaced by a tensor computed outside."""
+
+    def make(memory_saving):
+        factor = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+        coupling = _coupling().double()
+        conv = coupling.conditioner[-1]
+        weight = conv.weight.detach()
+        del conv.weight
+        conv.weight = weight * factor  # a plain attribute now, not a registered tensor
+        return Sequential(ActNorm(4), coupling, memory_saving=memory_saving).double(), [factor]
+
+    _assert_same_gradients(make, X)
+
+
+def test_a_context_requiring_grad_gets_its_gradient_through_the_fast_path():
+    def make(memory_saving):
+        context = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+        coupling = AffineCoupling(4, hidden_channels=6, context_channels=2).double()
+        nn.init.normal_(coupling.conditioner[-1].weight, std=0.1)
+        chain = Sequential(coupling, memory_saving=memory_saving)
+        return _WithContext(chain, context), [context]
+
+    _assert_same_gradients(make, X)
+
+
+class _WithContext(nn.Module):
+    def __init__(self, chain: Sequential, context: Tensor) -> None:
+        super().__init__()
+        self.chain, self.context = chain, context
+
+    def forward(self, x: Tensor):
+        return self.chain(x, context=self.context)
+
+
+# Random numbers -----------------------------------------------------------------------------
+
+def _mixed_chain() -> Sequential:
+    """Modules drawing random numbers (dropout conditioners) between ones that draw none."""
+    chain = perturb(Sequential(
+        ActNorm(4), ToyCoupling(4, dropout=0.5), Permute(4), _coupling(),
+        ToyCoupling(4, dropout=0.3),
+    )).double().train()
+    # ActNorm initialised first: an uninitialised one would initialise itself inside the
+    # inverse direction's reconstruction (its forward pass), which plain inverse never does.
+    with torch.no_grad():
+        chain(X)
+    return chain
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_modules_that_draw_are_replayed_and_the_others_match_plain_autograd(inverse):
+    assert_engine_gradients_match(_mixed_chain(), X, inverse=inverse)
+
+
+def test_only_the_modules_that_drew_random_numbers_are_replayed(monkeypatch):
+    chain = _mixed_chain()
+    chain.memory_saving = True
+    calls = []
+    replay = engine._set_rng_state
+    monkeypatch.setattr(engine, "_set_rng_state", lambda saved: (calls.append(1),
+                                                                 replay(saved)))
+    y, logdet = chain(X.clone().requires_grad_())
+    (y.sum() + logdet.sum()).backward()
+    assert len(calls) == 2 + 1  # the two dropout couplings, then the caller's state put back
+
+
+class _RandomInverse(InvertibleModule):
+    """``y = 2x``, whose inverse also draws (and ignores) a random number."""
+
+    def forward(self, x: Tensor):
+        return 2 * x, x.new_full((x.shape[0],), x[0].numel() * 0.6931471805599453)
+
+    def inverse(self, y: Tensor):
+        torch.rand(1)
+        return y / 2, y.new_full((y.shape[0],), -y[0].numel() * 0.6931471805599453)
+
+
+@pytest.mark.parametrize("chain", [_mixed_chain, lambda: Sequential(_RandomInverse(),
+                                                                      ActNorm(4)).double()])
+def test_backward_leaves_the_callers_random_state_as_it_found_it(chain):
+    chain = chain()
+    chain.memory_saving = True
+    y, logdet = chain(X.clone().requires_grad_())
+    before = torch.get_rng_state()
+    (y.sum() + logdet.sum()).backward()
+    assert torch.equal(torch.get_rng_state(), before)
+    assert RANDOMNESS.fork
+
+
+class _FailingReconstruction(ActNorm):
+    def reconstruct(self, y, *, context=None):
+        assert not RANDOMNESS.fork  # it drew nothing, so the engine switched forks off
+        raise RuntimeError("reconstruction failed")
+
+
+def test_forks_are_switched_back_on_when_a_reconstruction_fails():
+    chain = Sequential(_FailingReconstruction(4), memory_saving=True).double()
+    y, logdet = chain(X.clone().requires_grad_())
+    with pytest.raises(RuntimeError, match="reconstruction failed"):
+        (y.sum() + logdet.sum()).backward()
+    assert RANDOMNESS.fork
