@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .base import (
     InvertibleModule,
+    Reconstruction,
     Shape,
     check_dtype,
     check_features,
@@ -25,6 +26,7 @@ from .base import (
     check_int,
     exact,
     positions,
+    recompute,
     self_contained,
 )
 from .errors import AutoflowError
@@ -118,9 +120,25 @@ class ActNorm(InvertibleModule):
             x = x.to(dtype)
             if self.training and not bool(self.initialized):
                 self.initialize(x)
-            bias, log_scale = self._shaped(x, dtype)
-            y = (x + bias) * log_scale.exp()
-            return y, self._logdet(x)
+            return self._normalize(x, dtype), self._logdet(x)
+
+    def _normalize(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        bias, log_scale = self._shaped(x, dtype)
+        return (x + bias) * log_scale.exp()
+
+    def reconstruct_inverse(self, x: Tensor, *, context: Tensor | None = None
+                            ) -> Reconstruction:
+        """Rebuild the input of ``inverse`` with the current parameters.
+
+        ``inverse`` never initialises, so neither may its rebuild: the default one runs
+        ``forward``, which in training mode would initialise from ``x`` in the middle of a
+        backward pass and give gradients of a map that was never applied.
+        """
+        check_features(x, self.channels, self)
+        dtype = check_dtype(x, self.log_scale, self)
+        with torch.no_grad(), exact(x):
+            y = self._normalize(x.to(dtype), dtype)
+        return recompute(self.inverse, y)
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """Undo the affine map with the current parameters (never initialises).

@@ -546,7 +546,9 @@ class _MemorySavingChain(torch.autograd.Function):
                 plan.check_versions(i)
                 wanted = [plan.externals[k] for k in plan.block_externals[i]]
                 with _AsInForward(name, block, plan.training[i], plan.slots[i]):
+                    versions = [p._version for p in block.parameters()]
                     rec = _rebuild(plan, i, state, kept.get(i), autocast)
+                    _check_parameters_kept(name, block, versions)
                     rebuilt = rec.input_from_leaves([leaf.detach() for leaf in rec.leaves])
                     _check_reconstruction(plan, i, name, rebuilt, kept.get(i))
                     if plan.options.debug:
@@ -566,6 +568,20 @@ class _MemorySavingChain(torch.autograd.Function):
         input_grads = [g if wanted else None
                        for g, wanted in zip(grad_state, plan.input_requires_grad)]
         return (None, *input_grads, *external_grads)
+
+
+def _check_parameters_kept(name: str, block: nn.Module, versions: list[int]) -> None:
+    """Refuse a reconstruction that wrote to the module's parameters (a data-dependent
+    initialisation run by ``forward`` while rebuilding an ``inverse``, say): the local graph would
+    then belong to a map the forward pass never applied, and every gradient would be wrong."""
+    changed = [n for (n, p), v in zip(block.named_parameters(), versions) if p._version != v]
+    if changed:
+        raise EngineError(
+            f"memory-saving engine: module '{name}' ({type(block).__name__}) changed its "
+            f"parameters {changed} while being reconstructed for the backward pass, so its "
+            "gradients would be those of another map; make its reconstruct (or "
+            "reconstruct_inverse) leave the parameters alone, or run with memory_saving=False"
+        )
 
 
 def _reconstruct(plan: _Plan, name: str, block: InvertibleModule, state: State,

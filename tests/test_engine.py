@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import autoflow
 from autoflow import EngineError, InvertibleModule, OnFirst, Reconstruction, Sequential
 from autoflow.testing import assert_engine_gradients_match, relative_error
 from autoflow.testing import strategies as afs
@@ -402,3 +403,55 @@ def test_volume_norm_running_mean_updated_once_under_the_engine():
     stack = perturb(pyramid_stack(2, 3, 1, kernel_size=3, volume_norm="spatial")).double()
     levels = tuple(torch.randn(2, 2, 8 >> d, 8 >> d, dtype=torch.float64) for d in range(3))
     assert_engine_gradients_match(stack, levels)  # compares every buffer after the step
+
+
+class _InitialisingScale(autoflow.InvertibleModule):
+    """A per-channel scale that, like ActNorm, initialises itself in a training forward."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.log_scale = torch.nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                self.log_scale.copy_(-x.std(dim=(0, 2, 3), keepdim=True).log())
+        return x * self.log_scale.exp(), self.log_scale.sum().expand(x.shape[0]) * 0
+
+    def inverse(self, y):
+        return y * (-self.log_scale).exp(), self.log_scale.sum().expand(y.shape[0]) * 0
+
+
+def _inverse_gradients(modules, y, memory_saving):
+    flow = autoflow.Sequential(*modules, memory_saving=memory_saving).train()
+    x, logdet = flow.inverse(y)
+    (x.square().sum() + logdet.sum()).backward()
+    return x.detach(), [p.grad.clone() for p in flow.parameters()]
+
+
+def test_an_uninitialised_actnorm_inverted_under_the_engine_is_not_initialised():
+    # Its inverse never initialises; the rebuild runs the map the other way and must not either
+    # (it used to, mid-backward, giving gradients of a map that was never applied).
+    y = torch.randn(3, 4, 5, 5)
+
+    def modules():
+        torch.manual_seed(0)
+        coupling = autoflow.AffineCoupling(4, hidden_channels=8)
+        for p in coupling.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        return [autoflow.ActNorm(4), coupling]
+
+    plain_x, plain_grads = _inverse_gradients(modules(), y, memory_saving=False)
+    chain = modules()
+    x, grads = _inverse_gradients(chain, y, memory_saving=True)
+    assert not bool(chain[0].initialized)
+    torch.testing.assert_close(x, plain_x)
+    for g, expected in zip(grads, plain_grads):
+        torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_reconstruction_that_writes_parameters_is_refused():
+    y = torch.randn(3, 4, 5, 5)
+    with pytest.raises(autoflow.EngineError, match="changed its parameters \\['log_scale'\\]"):
+        _inverse_gradients([_InitialisingScale(4), _InitialisingScale(4)], y,
+                           memory_saving=True)
