@@ -266,4 +266,4 @@ def export(source: Any, path: str | os.PathLike[str], format: str, *,
         raise ValueError(f"format must be one of {FORMATS}, received {format!r}")
     if format == "onnx":
         return export_onnx(source, path, batch_size=batch_size)
-    return export_torchscript(source, path, batch_size=batch_size or 1)
+    return export_torchscript(source, path, batch_size=1 if batch_size is None else batch_size)

@@ -11,7 +11,12 @@ import torch
 
 from examples.pyramidflow import Detector
 from examples.pyramidflow.cli import main
-from examples.pyramidflow.export import AnomalyMapModel, export_onnx, export_torchscript
+from examples.pyramidflow.export import (
+    AnomalyMapModel,
+    export,
+    export_onnx,
+    export_torchscript,
+)
 from examples.pyramidflow.model import PyramidFlow
 from examples.pyramidflow.train import save_checkpoint
 
@@ -104,6 +109,8 @@ def test_torchscript_needs_a_batch_size(detectors, tmp_path):
         export_torchscript(detectors["difference"], tmp_path / "model.pt", batch_size=None)
     with pytest.raises(ValueError, match="None \\(any\\) or an int of at least 1"):
         export_torchscript(detectors["difference"], tmp_path / "model.pt", batch_size=0)
+    with pytest.raises(ValueError, match="None \\(any\\) or an int of at least 1"):
+        export(detectors["difference"], tmp_path / "model.pt", "torchscript", batch_size=0)
     assert not any(tmp_path.iterdir())
 
 
