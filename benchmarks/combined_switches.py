@@ -5,7 +5,8 @@ and clamp above the public code's, but there the untrained model beats every tra
 trains the reference preset with all three switched (``loss="fourier_channels"``,
 ``order="even_first"``, ``clamp_kind="tanh"``) at the main table's scale (128², 32 training
 images, 10 epochs, batch 2, the per-group recipe) on the selection images (data seed 0), to
-compare with the reference models of ``real_defects_selection.md`` scored the same way.
+compare with the reference models of ``real_defects_selection.md`` scored the same way; the
+untrained baseline rows of ``real_defects_combined.md`` are ``run_job`` with ``epochs=0``.
 
 Reproduce (2 cores, about 35 min idle)::
 
