@@ -30,6 +30,9 @@ def coupling_cases(draw, *, small: bool = False, batch=None):
 
     ``small`` keeps a sample at most 2 * (16 + 4 + 1) = 42 numbers for Jacobian checks.
     """
+    # The conditioners' first layers keep torch's random initialisation: vary it per example,
+    # reproducibly (the kit's strategies register torch's generator with Hypothesis).
+    draw(st.random_module())
     dual = draw(st.booleans())
     levels = draw(afs.pyramid_states(
         st.integers(1, 2) if small else st.integers(1, 3),

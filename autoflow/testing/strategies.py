@@ -8,15 +8,26 @@ Example:
     ... def test_shape(x):
     ...     assert x.shape[1] == 4
     >>> test_shape()
+
+Importing this module registers torch's global random-number generator with Hypothesis (see
+:data:`TORCH_RANDOM`): every example then starts from the same torch random state, so a module
+built inside a test (whose initial weights torch draws) is built again identically when
+Hypothesis replays or shrinks a failing example, instead of turning the failure into a
+``Flaky`` report. Draw ``hypothesis.strategies.random_module()`` in a test to vary that state
+reproducibly from example to example.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from hypothesis import register_random
 from hypothesis import strategies as st
 from torch import Tensor
 
 __all__ = [
+    "TORCH_RANDOM",
     "batch_sizes",
     "conditional_states",
     "contexts",
@@ -27,6 +38,26 @@ __all__ = [
     "tensor_of",
     "vector_states",
 ]
+
+
+class _TorchGlobalRandom:
+    """torch's global generator seen through the ``random.Random`` methods Hypothesis manages."""
+
+    def seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def getstate(self) -> Any:
+        return torch.random.get_rng_state()
+
+    def setstate(self, state: Any) -> None:
+        torch.random.set_rng_state(state)
+
+
+TORCH_RANDOM = _TorchGlobalRandom()
+"""torch's global random-number generator as Hypothesis manages it: seeded at the start of
+every example and restored after the test (``hypothesis.register_random`` keeps only a weak
+reference, so this module holds the object)."""
+register_random(TORCH_RANDOM)
 
 
 def batch_sizes(min_size: int = 1, max_size: int = 3) -> st.SearchStrategy[int]:
