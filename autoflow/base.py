@@ -195,6 +195,27 @@ class InvertibleModule(nn.Module):
             y, _ = call_with_context(self.forward, x, context)
         return recompute(lambda s: call_with_context(self.inverse, s, context), y)
 
+    def rebuilt_in_runs(self, inverse: bool = False) -> bool:
+        """Whether the memory-saving engine may fold this module into its neighbour's rebuild.
+
+        The engine then inverts it without a graph, as the default hook does, but runs it
+        again on the graph of the module before it instead of on fresh leaves, so that one
+        local backward covers a whole run of such modules (ActNorm, a permutation, a 1×1
+        convolution, a reshape after a coupling): each backward call has a fixed cost that
+        dwarfs what these small maps compute. By default, true when the engine hook of that
+        direction (:meth:`reconstruct` or :meth:`reconstruct_inverse`) is the default one, so
+        that folding rebuilds exactly what the hook would, and the module has no submodules
+        (no conditioner), so that running it again is cheap and its graph is about one state
+        in size.
+
+        Args:
+            inverse: The direction the chain runs (``True``: the module's ``inverse`` is
+                applied in the forward pass).
+        """
+        hook = "reconstruct_inverse" if inverse else "reconstruct"
+        return (getattr(type(self), hook) is getattr(InvertibleModule, hook)
+                and not self._modules)
+
 
 class _RandomnessSwitch(threading.local):
     """Per thread: whether :func:`same_randomness` forks the random-number state.

@@ -85,6 +85,11 @@ logger = logging.getLogger(__name__)
 _ENGINE_WRITES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
+#: The most modules one local backward covers (see _Plan.runs_of): the modules folded into a
+#: rebuild keep their graphs until that backward, so a cap keeps memory flat with depth.
+_RUN_LENGTH = 8
+
+
 def _user_version(t: Tensor) -> int:
     # The dictionary is empty unless a reconstruction wrote a buffer: skip the weak lookup then.
     return t._version - _ENGINE_WRITES.get(t, 0) if len(_ENGINE_WRITES) else t._version
@@ -319,6 +324,9 @@ class _Plan:
         self.watched: list[list[tuple[Tensor, int]]] = []
         # Modules whose input is kept (anchors, or all in debug mode), with tensor counts.
         self.kept: list[tuple[int, int, State]] = []
+        # The chain cut into runs ``(first, last)``: module ``first`` rebuilt by its engine
+        # hook, the others folded into its local graph (see _Plan.runs_of).
+        self.runs: list[tuple[int, int]] = []
         self.pending: tuple | None = None
         self.device_type = flatten_state(x)[0].device.type
         self.autocast = _autocast_state(self.device_type)
@@ -386,11 +394,40 @@ class _Plan:
                     _check_finite(name, block, state, logdet)
                 logdets.append(logdet)
         total = sum_logdets(logdets)
+        self.runs = self.runs_of()
         self.output_like = structure_of(state)
         self.has_logdet = total is not None
         outputs = [t.detach() for t in flatten_state(state)]
         self.pending = (outputs, None if total is None else total.detach(), kept_tensors)
         return outputs, total
+
+    def runs_of(self) -> list[tuple[int, int]]:
+        """Cut the chain into runs ``(first, last)`` that each share one local backward.
+
+        Module ``first`` is rebuilt by its engine hook; each later module of the run is one
+        that :meth:`~autoflow.InvertibleModule.rebuilt_in_runs` allows to be inverted without a
+        graph and run again on the graph of the module before it. Every ``autograd.grad`` call
+        costs the same fixed overhead, larger than ActNorm or a permutation compute on small
+        states, and a Glow step (ActNorm, mixing, coupling) then needs one call instead of
+        three. A module starts a run of its own when folding it would change what its rebuild
+        means: its input is kept (anchors, debug mode, which also measures the error per
+        module), its forward pass drew random numbers (replayed per module), the random-number
+        state is not preserved (its default hook would fork it around the inverse), or the same
+        module object is already in the run. Runs are at most :data:`_RUN_LENGTH` modules long,
+        so the memory of a backward step stays bounded whatever the depth.
+        """
+        runs: list[tuple[int, int]] = []
+        members: set[int] = set()
+        for i, (_, block) in enumerate(self.blocks):
+            if (runs and not self.keeps_input(i) and self.options.preserve_rng_state
+                    and self.rng_states[i] is None and id(block) not in members
+                    and i - runs[-1][0] < _RUN_LENGTH and block.rebuilt_in_runs(self.inverse)):
+                runs[-1] = (runs[-1][0], i)
+            else:
+                runs.append((i, i))
+                members = set()
+            members.add(id(block))
+        return runs
 
     def check_versions(self, i: int) -> None:
         name, block = self.blocks[i]
@@ -541,33 +578,91 @@ class _MemorySavingChain(torch.autograd.Function):
         # put back once at the end, so that the backward pass draws nothing for the caller.
         outer_rng = _rng_state(state) if plan.options.preserve_rng_state else None
         try:
-            for i in reversed(range(len(plan.blocks))):
-                name, block = plan.blocks[i]
-                plan.check_versions(i)
-                wanted = [plan.externals[k] for k in plan.block_externals[i]]
-                with _AsInForward(name, block, plan.training[i], plan.slots[i]):
-                    versions = [p._version for p in block.parameters()]
-                    rec = _rebuild(plan, i, state, kept.get(i), autocast)
-                    _check_parameters_kept(name, block, versions)
-                    rebuilt = rec.input_from_leaves([leaf.detach() for leaf in rec.leaves])
-                    _check_reconstruction(plan, i, name, rebuilt, kept.get(i))
-                    if plan.options.debug:
-                        _check_graph_leaves(name, block, rec, wanted)
-                    leaf_grads, found = _local_backward(rec, grad_state, grad_logdet, wanted)
-                for k, g in zip(plan.block_externals[i], found):
-                    if g is not None:
-                        # A tensor used by several modules gets the sum of their contributions.
-                        external_grads[k] = (g if external_grads[k] is None
-                                             else external_grads[k] + g)
-                state = rebuilt
-                grad_state = flatten_state(rec.input_from_leaves(leaf_grads))
-                del rec
+            for first, last in reversed(plan.runs):
+                state, grad_state = _backward_run(
+                    plan, first, last, state, grad_state, grad_logdet, kept.get(first),
+                    autocast, external_grads
+                )
         finally:
             if outer_rng is not None:
                 _set_rng_state(outer_rng)
         input_grads = [g if wanted else None
                        for g, wanted in zip(grad_state, plan.input_requires_grad)]
         return (None, *input_grads, *external_grads)
+
+
+def _backward_run(plan: _Plan, first: int, last: int, state: State, grad_state: list[Tensor],
+                  grad_logdet: Tensor | None, kept: State | None, autocast: list | None,
+                  external_grads: list[Tensor | None]) -> tuple[State, list[Tensor]]:
+    """Back-propagate through modules ``first`` to ``last`` with one local backward.
+
+    The modules after ``first`` (folded, see :meth:`_Plan.runs_of`) are inverted without a
+    graph, last to first, as their default engine hook would; module ``first`` is rebuilt by
+    its hook, with leaves; the folded modules then run again on its output with a graph, and a
+    single ``autograd.grad`` call takes the gradient from the run's output to those leaves and
+    to every tensor requiring grad that the run's modules used. Each module keeps the checks it
+    would have on its own: versions of what it read, train/eval mode and tensors as in the
+    forward pass, buffers restored after the local backward, no parameter written, the shape
+    of its rebuilt input.
+
+    Args:
+        plan: The chain's plan.
+        first, last: The run's first and last module.
+        state: The output of module ``last``, without a graph.
+        grad_state: The gradient of the loss with respect to it, one tensor per state tensor.
+        grad_logdet: The gradient with respect to the chain's log-det, or ``None``.
+        kept: Module ``first``'s true input, if it was kept.
+        autocast: The autocast state to enter, or ``None`` to leave it as it is.
+        external_grads: Gradients of ``plan.externals``, accumulated in place.
+
+    Returns:
+        Module ``first``'s rebuilt input (no graph) and the gradient with respect to it.
+    """
+    with contextlib.ExitStack() as stack:
+        for i in range(last, first - 1, -1):
+            plan.check_versions(i)
+        folded = []
+        for i in range(last, first, -1):
+            name, block = plan.blocks[i]
+            stack.enter_context(_AsInForward(name, block, plan.training[i], plan.slots[i]))
+            versions = [p._version for p in block.parameters()]
+            with torch.no_grad(), _autocast_or_not(autocast):
+                state, _ = call_with_context(block.forward if plan.inverse else block.inverse,
+                                             state, _context_for(block, plan.context))
+            _check_reconstruction(plan, i, name, state, None)
+            folded.append((i, versions))
+        name, block = plan.blocks[first]
+        stack.enter_context(_AsInForward(name, block, plan.training[first], plan.slots[first]))
+        versions = [p._version for p in block.parameters()]
+        rec = _rebuild(plan, first, state, kept, autocast)
+        _check_parameters_kept(name, block, versions)
+        rebuilt = rec.input_from_leaves([leaf.detach() for leaf in rec.leaves])
+        _check_reconstruction(plan, first, name, rebuilt, kept)
+        wanted = dict.fromkeys(plan.block_externals[first])
+        if plan.options.debug:
+            _check_graph_leaves(name, block, rec, [plan.externals[k] for k in wanted])
+        output, logdets = rec.output, [rec.logdet]
+        with torch.enable_grad(), _autocast_or_not(autocast):
+            for i, versions in reversed(folded):
+                name, block = plan.blocks[i]
+                output, logdet = call_with_context(
+                    block.inverse if plan.inverse else block.forward, output,
+                    _context_for(block, plan.context)
+                )
+                _check_parameters_kept(name, block, versions)
+                logdets.append(logdet)
+                wanted.update(dict.fromkeys(plan.block_externals[i]))
+        leaf_grads, found = _local_backward(rec.leaves, output, logdets, grad_state,
+                                            grad_logdet, [plan.externals[k] for k in wanted])
+    for k, g in zip(wanted, found):
+        if g is not None:
+            # A tensor used by several runs gets the sum of their contributions.
+            external_grads[k] = g if external_grads[k] is None else external_grads[k] + g
+    return rebuilt, flatten_state(rec.input_from_leaves(leaf_grads))
+
+
+def _autocast_or_not(autocast: list | None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if autocast is None else _autocast_as(autocast)
 
 
 def _check_parameters_kept(name: str, block: nn.Module, versions: list[int]) -> None:
@@ -646,21 +741,30 @@ def _check_graph_leaves(name: str, block: nn.Module, rec: Reconstruction,
         stack.extend(next_node for next_node, _ in node.next_functions)
 
 
-def _local_backward(rec, grad_state, grad_logdet, externals):
+def _local_backward(leaves: list[Tensor], output: State, logdets: list[Tensor | None],
+                    grad_state: list[Tensor], grad_logdet: Tensor | None,
+                    externals: list[Tensor]) -> tuple[list[Tensor], list[Tensor | None]]:
+    """One ``autograd.grad`` call from a run's output and log-dets to its leaves and externals.
+
+    Returns the gradient of every leaf (zeros where none flows) and of every external
+    (``None`` where none flows).
+    """
     outputs, out_grads = [], []
-    for out, g in zip(flatten_state(rec.output), grad_state):
+    for out, g in zip(flatten_state(output), grad_state):
         if out.requires_grad:
             outputs.append(out)
             out_grads.append(g.to(out.dtype))
-    if grad_logdet is not None and rec.logdet is not None and rec.logdet.requires_grad:
-        outputs.append(rec.logdet)
-        out_grads.append(grad_logdet.to(rec.logdet.dtype))
-    wanted = [leaf for leaf in rec.leaves if leaf.requires_grad] + externals
+    if grad_logdet is not None:
+        for logdet in logdets:  # each enters the chain's sum, so each gets its gradient
+            if logdet is not None and logdet.requires_grad:
+                outputs.append(logdet)
+                out_grads.append(grad_logdet.to(logdet.dtype))
+    wanted = [leaf for leaf in leaves if leaf.requires_grad] + externals
     found = torch.autograd.grad(outputs, wanted, out_grads, allow_unused=True) if outputs else (
         [None] * len(wanted))
     found = list(found)
     leaf_grads = []
-    for leaf in rec.leaves:
+    for leaf in leaves:
         g = found.pop(0) if leaf.requires_grad else None
         leaf_grads.append(torch.zeros_like(leaf) if g is None else g)
     return leaf_grads, found

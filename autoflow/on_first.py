@@ -114,6 +114,10 @@ class OnFirst(InvertibleModule):
             call_with_context(self.module.reconstruct_inverse, head, context), rest
         )
 
+    def rebuilt_in_runs(self, inverse: bool = False) -> bool:
+        """Whether the wrapped module is (carrying latents along changes nothing)."""
+        return self.module.rebuilt_in_runs(inverse)
+
     @staticmethod
     def _extend(rec: Reconstruction, rest: tuple[Tensor, ...]) -> Reconstruction:
         # The latents are their own leaves: their gradient passes through unchanged.

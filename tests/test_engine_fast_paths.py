@@ -251,3 +251,202 @@ def test_forks_are_switched_back_on_when_a_reconstruction_fails():
     with pytest.raises(RuntimeError, match="reconstruction failed"):
         (y.sum() + logdet.sum()).backward()
     assert RANDOMNESS.fork
+
+
+# Runs of cheap modules sharing one local backward ---------------------------------------------
+
+def _glow(**options) -> Sequential:
+    """The benchmark's Glow (ActNorm, permutation, coupling; splits) or a variant, float64,
+    with every parameter away from its initial value so each gradient path carries weight."""
+    torch.manual_seed(0)
+    options = {"mixing": "permute", "learned_prior": False, **options}
+    flow = autoflow.glow(1, levels=2, depth_per_level=2, hidden_channels=4, **options)
+    flow = perturb(flow).double().train()
+    with torch.no_grad():
+        flow(torch.randn(5, 1, 8, 8, dtype=torch.float64))  # ActNorm initialised
+    return flow
+
+
+def _record_runs(monkeypatch) -> list[list[tuple[int, int]]]:
+    seen: list[list[tuple[int, int]]] = []
+    runs_of = engine._Plan.runs_of
+    monkeypatch.setattr(engine._Plan, "runs_of",
+                        lambda plan: seen.append(runs_of(plan)) or seen[-1])
+    return seen
+
+
+def _count_grad_calls(monkeypatch) -> list[int]:
+    calls = [0]
+    grad = torch.autograd.grad
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting)
+    return calls
+
+
+GLOW_X = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("options", [{}, {"mixing": "conv1x1", "learned_prior": True},
+                                     {"coupling": "additive", "downsample": "haar"}])
+def test_a_glow_with_folded_runs_matches_plain_autograd(options):
+    """The test that fails if a run computes a wrong gradient: detaching the run's graph from
+    the rebuilt module (``output = rec.output`` replaced by detached leaves), dropping the
+    folded modules' log-dets or their externals each make it fail."""
+    assert_engine_gradients_match(_glow(**options), GLOW_X)
+
+
+def test_glow_steps_share_one_local_backward(monkeypatch):
+    flow = _glow()
+    runs, calls = _record_runs(monkeypatch), _count_grad_calls(monkeypatch)
+    flow.memory_saving = True
+    (h, z), logdet = flow(GLOW_X.clone().requires_grad_())
+    (h.sum() + z.sum() + logdet.sum()).backward()
+    names = [type(getattr(m, "module", m)).__name__ for m in flow]
+    grouped = [[names[i] for i in range(first, last + 1)] for first, last in runs[0]]
+    step = ["AffineCoupling", "ActNorm", "Permute"]
+    assert grouped == [["Squeeze", "ActNorm", "Permute"], step, ["AffineCoupling"],
+                       ["Split", "Squeeze", "ActNorm", "Permute"], step, ["AffineCoupling"]]
+    assert calls[0] == len(grouped)
+
+
+class _ContextShift(InvertibleModule):
+    """``y = x + w * mean(context)``: a cheap conditional module (no submodules), folded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x: Tensor, *, context: Tensor | None = None):
+        return x + self.w * context.mean(1)[:, None, None, None], x.new_zeros(x.shape[0])
+
+    def inverse(self, y: Tensor, *, context: Tensor | None = None):
+        return y - self.w * context.mean(1)[:, None, None, None], y.new_zeros(y.shape[0])
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_folded_modules_give_context_and_captured_tensors_their_gradients(inverse):
+    scale = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    outside = ActNorm(4).double()  # its parameter is read by a folded module through a reference
+
+    class _Borrowing(InvertibleModule):
+        def forward(self, x):
+            return x * scale + outside.bias, x.new_full((x.shape[0],), x[0].numel()) * scale.log()
+
+        def inverse(self, y):
+            return (y - outside.bias) / scale, -y.new_full((y.shape[0],), y[0].numel()) * (
+                scale.log())
+
+    def make(memory_saving):
+        torch.manual_seed(0)
+        coupling = AffineCoupling(4, hidden_channels=6, context_channels=2).double()
+        nn.init.normal_(coupling.conditioner[-1].weight, std=0.1)
+        nn.init.normal_(outside.bias, std=0.3)
+        chain = Sequential(coupling, _ContextShift(), _Borrowing(), Permute(4),
+                           memory_saving=memory_saving).double()
+        return chain, [scale, *outside.parameters()]
+
+    context = torch.randn(3, 2, dtype=torch.float64)
+    assert_engine_gradients_match(make(False)[0], X, context=context, inverse=inverse)
+    plain = _gradients_with_context(make, X, context, False, inverse)
+    saving = _gradients_with_context(make, X, context, True, inverse)
+    for a, b in zip(plain, saving):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert relative_error(b, a) < 1e-10
+
+
+def _gradients_with_context(make, x, context, memory_saving, inverse):
+    chain, extras = make(memory_saving)
+    x = x.clone().requires_grad_()
+    context = context.clone().requires_grad_()
+    y, logdet = (chain.inverse if inverse else chain)(x, context=context)
+    loss = logdet.sum() + (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum()
+    return torch.autograd.grad(loss, [x, context, *chain.parameters(), *extras],
+                               allow_unused=True)
+
+
+class _RunningShift(InvertibleModule):
+    """``y = x + b``, keeping a running mean of its input (a buffer) in training mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = nn.Parameter(torch.tensor(0.2))
+        self.register_buffer("running", torch.zeros(()))
+
+    def forward(self, x: Tensor):
+        if self.training:
+            self.running.mul_(0.9).add_(0.1 * x.detach().mean())
+        return x + self.b, x.new_zeros(x.shape[0])
+
+    def inverse(self, y: Tensor):
+        return y - self.b, y.new_zeros(y.shape[0])
+
+
+def test_a_folded_module_updates_its_buffers_once():
+    chain = perturb(Sequential(_coupling(), _RunningShift(), Permute(4), _RunningShift()))
+    assert_engine_gradients_match(chain.double().train(), X)  # compares buffers afterwards
+
+
+def test_an_in_place_change_is_named_for_the_folded_module_that_read_it():
+    chain = Sequential(_coupling(), ActNorm(4), Permute(4), memory_saving=True).double()
+    y, logdet = chain(X.clone().requires_grad_())
+    with torch.no_grad():
+        chain[1].bias.add_(1.0)
+    with pytest.raises(autoflow.EngineError, match="module '1' \\(ActNorm\\).*'bias'"):
+        (y.sum() + logdet.sum()).backward()
+
+
+class _SelfInitialising(_RunningShift):
+    def forward(self, x: Tensor):
+        with torch.no_grad():
+            self.b.fill_(0.3)
+        return super().forward(x)
+
+
+def test_a_folded_module_writing_its_parameters_is_refused():
+    chain = Sequential(_coupling(), _SelfInitialising(), memory_saving=True).double()
+    y, logdet = chain(X.clone().requires_grad_())
+    with pytest.raises(autoflow.EngineError, match="module '1' .*changed its parameters"):
+        (y.sum() + logdet.sum()).backward()
+
+
+def test_runs_are_cut_where_folding_would_change_a_rebuild(monkeypatch):
+    """Anchors, modules that drew random numbers, a module met twice, debug mode, no
+    random-number replay, and the length cap each start a run."""
+    runs = _record_runs(monkeypatch)
+    shared = Permute(4)
+    chain = perturb(Sequential(
+        _coupling(), ActNorm(4), ToyCoupling(4, dropout=0.5), Permute(4), shared, shared,
+        *[Permute(4) for _ in range(engine._RUN_LENGTH + 1)],
+    )).double().train()
+
+    def run(**options):
+        chain.memory_saving = True
+        for key, value in options.items():
+            setattr(chain.engine_options, key, value)
+        y, logdet = chain(X.clone().requires_grad_())
+        (y.sum() + logdet.sum()).backward()
+        return runs[-1]
+
+    n = len(chain)
+    cap = engine._RUN_LENGTH
+    # ToyCoupling has a conditioner: it starts a run; it drew random numbers anyway.
+    assert run() == [(0, 1), (2, 4), (5, 5 + cap - 1), (5 + cap, n - 1)]
+    assert run(anchor_every=3) == [(0, 1), (2, 2), (3, 4), (5, 5), (6, 8), (9, 11),
+                                   (12, n - 1)]
+    assert run(anchor_every=None, preserve_rng_state=False) == [(i, i) for i in range(n)]
+    assert run(preserve_rng_state=True, debug=True) == [(i, i) for i in range(n)]
+
+
+def test_memory_of_a_backward_step_is_flat_in_the_number_of_cheap_modules(monkeypatch):
+    """However long a chain of foldable modules, one local backward covers at most
+    ``_RUN_LENGTH`` of them."""
+    runs = _record_runs(monkeypatch)
+    chain = Sequential(*[ActNorm(4) for _ in range(40)], memory_saving=True).double()
+    y, logdet = chain(X.clone().requires_grad_())
+    (y.sum() + logdet.sum()).backward()
+    assert max(last - first + 1 for first, last in runs[0]) == engine._RUN_LENGTH

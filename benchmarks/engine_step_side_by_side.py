@@ -1,0 +1,108 @@
+"""Side by side: FrEIA's plain-autograd training step against autoflow's memory-saving engine.
+
+The Glow-digits architecture of ``benchmarks/flows_vs_freia.py`` (3 levels x depth 16 of
+ActNorm, fixed permutation, affine coupling; conditioner width 32; batch 64 of 8x8 digits),
+built by that script's own ``_build``. Both models live in one process; their training steps
+(forward, backward, Adam) run interleaved round-robin, so a change in the machine's load hits
+both alike, and the ratio of the medians is reported. One torch thread. Run from the
+repository root::
+
+    PYTHONPATH=. python benchmarks/engine_step_side_by_side.py --steps 40
+
+``--configs`` picks the rows (``freia``, ``autoflow``, ``autoflow-engine``,
+``autoflow-glow-engine``); ``--profile`` runs cProfile over the engine's steps instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def _make_step(config: str, args: argparse.Namespace, batches: list[torch.Tensor]):
+    from flows_vs_freia import _build
+
+    model, log_prob = _build(config, args.levels, args.depth, args.hidden, args.seed)
+    with torch.no_grad():  # ActNorm's data-dependent initialisation
+        model.train()
+        log_prob(batches[0])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-4)
+
+    def step(x: torch.Tensor) -> float:
+        loss = -log_prob(x).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 50.0)
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levels", type=int, default=3)
+    parser.add_argument("--depth", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--configs", default="freia,autoflow-engine")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    from examples.density.digits import dequantise, load_digits
+
+    train, _ = load_digits(seed=0)
+    generator = torch.Generator().manual_seed(1)
+    batches = [dequantise(train[torch.randint(len(train), (args.batch_size,),
+                                              generator=generator)], generator)
+               for _ in range(8)]
+    configs = args.configs.split(",")
+    steps = {c: _make_step(c, args, batches) for c in configs}
+    if args.profile:
+        import cProfile
+        import pstats
+
+        step = steps[configs[-1]]
+        for x in batches[: args.warmup]:
+            step(x)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for i in range(args.steps):
+            step(batches[i % len(batches)])
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(35)
+        return
+    times: dict[str, list[float]] = {c: [] for c in configs}
+    for i in range(args.warmup + args.steps):
+        x = batches[i % len(batches)]
+        for c in configs:
+            start = time.perf_counter()
+            steps[c](x)
+            if i >= args.warmup:
+                times[c].append(1000 * (time.perf_counter() - start))
+    base = statistics.median(times[configs[0]])
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    print(f"{args.steps} steps each, round-robin, 1 thread; load average {' '.join(load)}")
+    print(f"| configuration | median step (ms) | ratio vs {configs[0]} |")
+    print("| --- | ---: | ---: |")
+    for c in configs:
+        median = statistics.median(times[c])
+        print(f"| {c} | {median:.1f} | {median / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
