@@ -8,7 +8,12 @@ its input ``x_{i-1}`` from ``x_i`` together with its local graph
 (:meth:`~autoflow.InvertibleModule.reconstruct`, one conditioner evaluation for couplings)
 and back-propagating through that module alone.
 Memory is then the state plus one module's graph, whatever ``D`` is; the price is about one extra
-forward evaluation per step.
+forward evaluation per step. Cheap modules without a conditioner (ActNorm, a permutation, a 1×1
+convolution, a reshape) are folded into the rebuild of the module before them: inverted without a
+graph, then run again on that module's rebuilt output, so that one local backward covers a run
+of up to :data:`_RUN_LENGTH` modules (a Glow step is one call, not three; see
+:meth:`_Plan.runs_of`). Memory is then bounded by the largest run's graph, still independent of
+``D``.
 
 What the engine guarantees (otherwise it raises :class:`~autoflow.EngineError`):
 
@@ -316,6 +321,9 @@ class _Plan:
         self.rng_states: list = []
         self.training: list[list[bool]] = []
         self.slots: list[list[tuple[dict, str, Tensor]]] = []
+        # Per module, the parameter tensors of its tree in the forward pass (those it has again
+        # during its reconstruction, see _AsInForward), to check none is written.
+        self.parameters: list[list[Tensor]] = []
         # Tensors requiring grad that the modules touched (inputs of the autograd function),
         # and for each module the positions of those it touched.
         self.externals: list[Tensor] = []
@@ -353,6 +361,8 @@ class _Plan:
                 modules = list(block.modules())
                 self.training.append([m.training for m in modules])
                 self.slots.append(_slots(modules))
+                self.parameters.append([t for m in modules for t in m._parameters.values()
+                                        if t is not None])
                 buffers = [b for m in modules for b in m._buffers.values() if b is not None]
                 before = [b._version for b in buffers]
                 found = None if global_hooks else _own_grad_tensors(modules)
@@ -625,7 +635,7 @@ def _backward_run(plan: _Plan, first: int, last: int, state: State, grad_state: 
         for i in range(last, first, -1):
             name, block = plan.blocks[i]
             stack.enter_context(_AsInForward(name, block, plan.training[i], plan.slots[i]))
-            versions = [p._version for p in block.parameters()]
+            versions = [p._version for p in plan.parameters[i]]
             with torch.no_grad(), _autocast_or_not(autocast):
                 state, _ = call_with_context(block.forward if plan.inverse else block.inverse,
                                              state, _context_for(block, plan.context))
@@ -633,9 +643,9 @@ def _backward_run(plan: _Plan, first: int, last: int, state: State, grad_state: 
             folded.append((i, versions))
         name, block = plan.blocks[first]
         stack.enter_context(_AsInForward(name, block, plan.training[first], plan.slots[first]))
-        versions = [p._version for p in block.parameters()]
+        versions = [p._version for p in plan.parameters[first]]
         rec = _rebuild(plan, first, state, kept, autocast)
-        _check_parameters_kept(name, block, versions)
+        _check_parameters_kept(name, block, plan.parameters[first], versions)
         rebuilt = rec.input_from_leaves([leaf.detach() for leaf in rec.leaves])
         _check_reconstruction(plan, first, name, rebuilt, kept)
         wanted = dict.fromkeys(plan.block_externals[first])
@@ -649,7 +659,7 @@ def _backward_run(plan: _Plan, first: int, last: int, state: State, grad_state: 
                     block.inverse if plan.inverse else block.forward, output,
                     _context_for(block, plan.context)
                 )
-                _check_parameters_kept(name, block, versions)
+                _check_parameters_kept(name, block, plan.parameters[i], versions)
                 logdets.append(logdet)
                 wanted.update(dict.fromkeys(plan.block_externals[i]))
         leaf_grads, found = _local_backward(rec.leaves, output, logdets, grad_state,
@@ -665,11 +675,18 @@ def _autocast_or_not(autocast: list | None) -> contextlib.AbstractContextManager
     return contextlib.nullcontext() if autocast is None else _autocast_as(autocast)
 
 
-def _check_parameters_kept(name: str, block: nn.Module, versions: list[int]) -> None:
+def _check_parameters_kept(name: str, block: nn.Module, parameters: list[Tensor],
+                           versions: list[int]) -> None:
     """Refuse a reconstruction that wrote to the module's parameters (a data-dependent
     initialisation run by ``forward`` while rebuilding an ``inverse``, say): the local graph would
-    then belong to a map the forward pass never applied, and every gradient would be wrong."""
-    changed = [n for (n, p), v in zip(block.named_parameters(), versions) if p._version != v]
+    then belong to a map the forward pass never applied, and every gradient would be wrong.
+
+    ``parameters`` are the tensors the module's tree had in the forward pass (put back for the
+    reconstruction), with their ``versions`` before it: no traversal of the tree unless one
+    changed, to name it.
+    """
+    written = {id(p) for p, v in zip(parameters, versions) if p._version != v}
+    changed = [n for n, p in block.named_parameters() if id(p) in written] if written else []
     if changed:
         raise EngineError(
             f"memory-saving engine: module '{name}' ({type(block).__name__}) changed its "
