@@ -254,9 +254,16 @@ def _global_hooks_present() -> bool:
     return any(getattr(module, table, None) for table in _GLOBAL_HOOKS)
 
 
+_PLAIN_TYPES = frozenset(_PLAIN)
+
+
 def _is_plain(value: object) -> bool:
+    # Run for every attribute of every module at every call: the exact-type lookup settles the
+    # common cases (flags, sizes, tuples of ints) without a call per item.
+    if type(value) in _PLAIN_TYPES:
+        return True
     if isinstance(value, (list, tuple)):
-        return all(_is_plain(item) for item in value)
+        return all(type(item) in _PLAIN_TYPES or _is_plain(item) for item in value)
     return isinstance(value, _PLAIN)
 
 

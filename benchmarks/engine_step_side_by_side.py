@@ -10,7 +10,10 @@ repository root::
     PYTHONPATH=. python benchmarks/engine_step_side_by_side.py --steps 40
 
 ``--configs`` picks the rows (``freia``, ``autoflow``, ``autoflow-engine``,
-``autoflow-glow-engine``); ``--profile`` runs cProfile over the engine's steps instead.
+``autoflow-glow-engine``); ``--profile`` runs cProfile over the last one's steps instead.
+``--baseline DIR`` adds a row ``baseline-engine``: the engine of another version of the
+package, imported from ``DIR/autoflow`` under another name (extract one with
+``git archive <commit> autoflow | tar -x -C DIR``), so old and new run in the same process.
 """
 
 from __future__ import annotations
@@ -28,10 +31,31 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
+def _baseline(directory: Path, args: argparse.Namespace):
+    """The benchmark's engine model built by the package found in ``directory/autoflow``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "autoflow_baseline", directory / "autoflow" / "__init__.py",
+        submodule_search_locations=[str(directory / "autoflow")])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["autoflow_baseline"] = package
+    spec.loader.exec_module(package)
+    torch.manual_seed(args.seed)
+    transform = package.glow(1, levels=args.levels, depth_per_level=args.depth,
+                             hidden_channels=args.hidden, mixing="permute",
+                             learned_prior=False, memory_saving=True)
+    flow = package.Flow(transform, (1, 8, 8))
+    return flow, flow.log_prob
+
+
 def _make_step(config: str, args: argparse.Namespace, batches: list[torch.Tensor]):
     from flows_vs_freia import _build
 
-    model, log_prob = _build(config, args.levels, args.depth, args.hidden, args.seed)
+    if config == "baseline-engine":
+        model, log_prob = _baseline(args.baseline, args)
+    else:
+        model, log_prob = _build(config, args.levels, args.depth, args.hidden, args.seed)
     with torch.no_grad():  # ActNorm's data-dependent initialisation
         model.train()
         log_prob(batches[0])
@@ -60,6 +84,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--configs", default="freia,autoflow-engine")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--baseline", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
     from examples.density.digits import dequantise, load_digits
@@ -69,7 +94,7 @@ def main() -> None:
     batches = [dequantise(train[torch.randint(len(train), (args.batch_size,),
                                               generator=generator)], generator)
                for _ in range(8)]
-    configs = args.configs.split(",")
+    configs = args.configs.split(",") + (["baseline-engine"] if args.baseline else [])
     steps = {c: _make_step(c, args, batches) for c in configs}
     if args.profile:
         import cProfile

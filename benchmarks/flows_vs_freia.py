@@ -296,7 +296,8 @@ def report(results: list[dict], args: argparse.Namespace, command: str, wall: fl
         f"* Step time with the engine <= 1.5x FrEIA's (issue 14): {engine_time_ratio:.2f}x — "
         f"{verdict(engine_time_ratio <= 1.5)} ({engine_time_ratio / time_ratio:.2f}x autoflow's "
         "plain step). The backward pass rebuilds every module's input from its output: one "
-        "extra inverse and forward per module, and one local autograd call per module.",
+        "extra inverse and forward per module, and one local autograd call per run (a "
+        "coupling and the cheap modules folded after it).",
         f"* Peak memory with the engine <= 0.5x FrEIA's at depth {args.depth}, batch "
         f"{args.memory_batch_size}: memory the training steps needed (rise) "
         f"{rise_ratio:.3f}x — {verdict(rise_ratio <= 0.5)}; whole-process peak RSS "
@@ -308,7 +309,7 @@ def report(results: list[dict], args: argparse.Namespace, command: str, wall: fl
         f"* The whole-process figure includes about {engine['memory_rss_before_mib']:.0f} MiB "
         "that no training engine can remove (interpreter, torch and its libraries, the data, "
         "the model). The engine's saving is in what the steps need on top: autoflow keeps only "
-        "the chain's output and one module's local graph, FrEIA every intermediate activation. "
+        "the chain's output and one run's local graph, FrEIA every intermediate activation. "
         f"At the training batch {args.batch_size} FrEIA's activations are about "
         f"{_rise(freia, 'memory') * args.batch_size / args.memory_batch_size:.0f} MiB (its "
         "large-batch rise scaled down), within the allocator's noise, so neither figure shows a "
