@@ -72,8 +72,8 @@ def test_weight_is_product_of_factors_and_logdet_is_sum_of_s(channels: int, seed
 
 
 @fast
-@given(channels=st.integers(1, 6))
-def test_permutation_and_sign_are_frozen_buffers(channels: int) -> None:
+@given(channels=st.integers(1, 6), _torch_state=st.random_module())
+def test_permutation_and_sign_are_frozen_buffers(channels: int, _torch_state) -> None:
     conv = InvConv1x1(channels)
     buffers = dict(conv.named_buffers())
     assert {"perm", "sign"} <= buffers.keys()

@@ -212,8 +212,8 @@ def test_nan_never_passes_a_comparison():
 
 @settings(max_examples=10, deadline=None)
 @given(levels=afs.pyramid_states(st.integers(1, 3), levels=2, max_top_size=3),
-       depth=st.integers(1, 4))
-def test_engine_handles_tuple_states(levels, depth):
+       depth=st.integers(1, 4), _torch_state=st.random_module())
+def test_engine_handles_tuple_states(levels, depth, _torch_state):
     chain = perturb(Sequential(*[LevelMix(levels[0].shape[1]) for _ in range(depth)]))
     assert_engine_gradients_match(chain.to(levels[0].dtype), levels)
 

@@ -29,8 +29,9 @@ def test_round_trip_and_zero_logdet(x: torch.Tensor, kind: str, seed: int) -> No
 
 
 @fast
-@given(x=afs.states(channels=st.integers(1, 3), max_size=3), kind=kinds)
-def test_logdet_matches_jacobian(x: torch.Tensor, kind: str) -> None:
+@given(x=afs.states(channels=st.integers(1, 3), max_size=3), kind=kinds,
+       _torch_state=st.random_module())
+def test_logdet_matches_jacobian(x: torch.Tensor, kind: str, _torch_state) -> None:
     assert_logdet_matches_jacobian(Permute(x.shape[1], kind=kind), x)
 
 
