@@ -49,7 +49,9 @@ def _baseline(directory: Path, args: argparse.Namespace):
     return flow, flow.log_prob
 
 
-def _make_step(config: str, args: argparse.Namespace, batches: list[torch.Tensor]):
+def make_step(config: str, args: argparse.Namespace, batches: list[torch.Tensor]):
+    """One training step (forward, backward, clipping, Adam) of ``config``'s model, ActNorm
+    initialised on ``batches[0]``; ``args`` gives levels, depth, hidden, seed and baseline."""
     from flows_vs_freia import _build
 
     if config == "baseline-engine":
@@ -73,6 +75,30 @@ def _make_step(config: str, args: argparse.Namespace, batches: list[torch.Tensor
     return step
 
 
+def digit_batches(batch_size: int, count: int = 8) -> list[torch.Tensor]:
+    """``count`` fixed batches of dequantised 8x8 training digits."""
+    from examples.density.digits import dequantise, load_digits
+
+    train, _ = load_digits(seed=0)
+    generator = torch.Generator().manual_seed(1)
+    return [dequantise(train[torch.randint(len(train), (batch_size,), generator=generator)],
+                       generator) for _ in range(count)]
+
+
+def round_robin(steps: dict, batches: list[torch.Tensor], warmup: int, count: int
+                ) -> dict[str, list[float]]:
+    """Step times (ms) of every configuration, the steps interleaved so load hits all alike."""
+    times: dict[str, list[float]] = {c: [] for c in steps}
+    for i in range(warmup + count):
+        x = batches[i % len(batches)]
+        for c, step in steps.items():
+            start = time.perf_counter()
+            step(x)
+            if i >= warmup:
+                times[c].append(1000 * (time.perf_counter() - start))
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", type=int, default=3)
@@ -87,15 +113,9 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from examples.density.digits import dequantise, load_digits
-
-    train, _ = load_digits(seed=0)
-    generator = torch.Generator().manual_seed(1)
-    batches = [dequantise(train[torch.randint(len(train), (args.batch_size,),
-                                              generator=generator)], generator)
-               for _ in range(8)]
+    batches = digit_batches(args.batch_size)
     configs = args.configs.split(",") + (["baseline-engine"] if args.baseline else [])
-    steps = {c: _make_step(c, args, batches) for c in configs}
+    steps = {c: make_step(c, args, batches) for c in configs}
     if args.profile:
         import cProfile
         import pstats
@@ -110,14 +130,7 @@ def main() -> None:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(35)
         return
-    times: dict[str, list[float]] = {c: [] for c in configs}
-    for i in range(args.warmup + args.steps):
-        x = batches[i % len(batches)]
-        for c in configs:
-            start = time.perf_counter()
-            steps[c](x)
-            if i >= args.warmup:
-                times[c].append(1000 * (time.perf_counter() - start))
+    times = round_robin(steps, batches, args.warmup, args.steps)
     base = statistics.median(times[configs[0]])
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
