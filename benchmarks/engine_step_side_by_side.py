@@ -52,7 +52,7 @@ def _baseline(directory: Path, args: argparse.Namespace):
 def make_step(config: str, args: argparse.Namespace, batches: list[torch.Tensor]):
     """One training step (forward, backward, clipping, Adam) of ``config``'s model, ActNorm
     initialised on ``batches[0]``; ``args`` gives levels, depth, hidden, seed and baseline."""
-    from flows_vs_freia import _build
+    from flows_vs_freia import _build, training_step
 
     if config == "baseline-engine":
         model, log_prob = _baseline(args.baseline, args)
@@ -62,17 +62,7 @@ def make_step(config: str, args: argparse.Namespace, batches: list[torch.Tensor]
         model.train()
         log_prob(batches[0])
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=1e-4)
-
-    def step(x: torch.Tensor) -> float:
-        loss = -log_prob(x).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 50.0)
-        optimizer.step()
-        return loss.item()
-
-    return step
+    return training_step(log_prob, params, torch.optim.Adam(params, lr=1e-4))
 
 
 def digit_batches(batch_size: int, count: int = 8) -> list[torch.Tensor]:

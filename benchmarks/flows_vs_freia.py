@@ -134,6 +134,22 @@ def _freia_graph(levels: int, depth: int, hidden: int, seed: int):
     return Ff.GraphINN(nodes + latents)
 
 
+def training_step(log_prob, params: list, optimizer):
+    """One training step on a batch ``x``: mean negative log-likelihood, backward, gradient
+    clipping at norm 50, optimizer step; returns the loss."""
+    import torch
+
+    def step(x):
+        loss = -log_prob(x).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 50.0)
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
 def worker(args: argparse.Namespace) -> dict:
     """Train one configuration; returns the measurements as a dict."""
     import numpy as np
@@ -160,13 +176,7 @@ def worker(args: argparse.Namespace) -> dict:
                                               generator=generator)], generator)
                for _ in range(args.steps)]
 
-    def step(x):
-        loss = -log_prob(x).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 50.0)
-        optimizer.step()
-        return loss.item()
+    step = training_step(log_prob, params, optimizer)
 
     # The training budget, timed; the peak resident set over it at the training batch size.
     times, losses = [], []
