@@ -299,8 +299,9 @@ def _add_config_flags(parser: argparse.ArgumentParser,
                       defaults: dict[str, Any] | None = None) -> None:
     """One flag per config field; unset flags keep the config's (or the dataset's) default."""
     group = parser.add_argument_group(
-        "config", "settings of PyramidFlowConfig; with --dataset mvtec, volume_norm, levels and "
-                  "augment default to the paper's per-category recipe (mvtec_defaults)")
+        "config", "settings of PyramidFlowConfig; with --dataset mvtec, volume_norm, levels, "
+                  "augment and search_radius default to the per-category recipe "
+                  "(mvtec_defaults)")
     group.add_argument("--preset", choices=sorted(PRESETS),
                        help="start from a named preset: 'paper-code' reproduces the public "
                             "PyramidFlow code's architecture and recipe; flags given "
