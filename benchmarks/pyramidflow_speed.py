@@ -51,7 +51,7 @@ def worker(task: str, size: int, steps: int) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from examples.pyramidflow.config import PyramidFlowConfig
-    from examples.pyramidflow.inference import BANK_IMAGES, latent_statistics
+    from examples.pyramidflow.inference import BANK_IMAGES, batch_maps, latent_statistics
     from examples.pyramidflow.model import PyramidFlow
 
     torch.manual_seed(0)
@@ -70,7 +70,7 @@ def worker(task: str, size: int, steps: int) -> dict:
         with torch.no_grad():
             for _ in range(steps + 1):
                 start = time.perf_counter()
-                model.anomaly_map(model(images), (size, size))
+                batch_maps(model, images)  # what Detector.predict runs per batch
                 times.append(time.perf_counter() - start)
         per_second = [len(images) / t for t in times[1:]]
         return {"task": task, "images_per_s": statistics.median(per_second),
