@@ -119,3 +119,13 @@ def test_a_bank_of_the_other_kind_is_a_clear_error():
     model.config.score = "local_nearest"
     with pytest.raises(RuntimeError, match="score='local_nearest' needs a bank of training"):
         batch_maps(model, torch.rand(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("score", ["local_nearest", "difference"])
+def test_batch_maps_fast_path_gives_the_maps_of_the_plain_forward(score):
+    # batch_maps runs the flow channels-last on the CPU; the maps must not move.
+    model = _fitted(score=score)
+    images = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        plain = model.anomaly_map(model(images), (16, 16))
+    assert torch.allclose(batch_maps(model, images), plain, rtol=1e-5, atol=1e-6)
