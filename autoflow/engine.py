@@ -835,10 +835,7 @@ def _rebuild(plan: _Plan, i: int, state: State, kept: State | None,
     elif plan.options.preserve_rng_state:
         RANDOMNESS.fork = False
     try:
-        with torch.enable_grad():
-            if autocast is None:
-                return _reconstruct(plan, name, block, state, kept)
-            with _autocast_as(autocast):
-                return _reconstruct(plan, name, block, state, kept)
+        with torch.enable_grad(), _autocast_or_not(autocast):
+            return _reconstruct(plan, name, block, state, kept)
     finally:
         RANDOMNESS.fork = fork
