@@ -225,7 +225,7 @@ def latent_statistics(model: PyramidFlow, data: ImageSource, *, batch_size: int 
     try:
         size = model.config.image_size
         for batch in image_batches(dataset, size, batch_size, num_workers):
-            latents = [z.double() for z in model(batch["image"].to(_device(model)))]
+            latents = [z.double() for z in _latents(model, batch["image"].to(_device(model)))]
             parts = [z.sum(0) for z in latents]
             squares = [z.square().sum(0) for z in latents]
             sums = parts if sums is None else [s + p for s, p in zip(sums, parts)]
