@@ -148,15 +148,13 @@ def _device(model: PyramidFlow) -> torch.device:
 
 
 def _latents(model: PyramidFlow, images: Tensor) -> tuple[Tensor, ...]:
-    """The latent pyramid of ``images``, contiguous, computed channels-last on the CPU.
+    """The latent pyramid of ``images``, contiguous.
 
-    On the CPU the convolutions run about 1.25× faster on channels-last images, with the
-    same results; the latents are made contiguous again because the ``local_nearest`` score
-    reads them one channel at a time, which channels-last makes slower
-    (``benchmarks/results/pyramidflow_speed.md``). Elsewhere the images go in as they are.
+    The model computes it channels-last on the CPU (see :meth:`PyramidFlow.forward`); the
+    latents are made contiguous again because the ``local_nearest`` score reads them one
+    channel at a time, which channels-last makes slower
+    (``benchmarks/results/pyramidflow_speed.md``).
     """
-    if images.device.type == "cpu":
-        images = images.contiguous(memory_format=torch.channels_last)
     return tuple(z.contiguous() for z in model(images))
 
 

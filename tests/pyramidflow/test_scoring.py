@@ -122,10 +122,16 @@ def test_a_bank_of_the_other_kind_is_a_clear_error():
 
 
 @pytest.mark.parametrize("score", ["local_nearest", "difference"])
-def test_batch_maps_fast_path_gives_the_maps_of_the_plain_forward(score):
-    # batch_maps runs the flow channels-last on the CPU; the maps must not move.
+def test_channels_last_fast_path_gives_the_maps_of_a_contiguous_run(score):
+    # The model runs its flow channels-last on the CPU (faster convolutions); the latents and
+    # maps must be those of the flow run on contiguous images.
     model = _fitted(score=score)
     images = torch.rand(3, 3, 16, 16)
     with torch.no_grad():
-        plain = model.anomaly_map(model(images), (16, 16))
+        contiguous, _ = model.flow((images - model.image_mean) / model.image_std)
+        latents = model(images)
+        plain = model.anomaly_map(contiguous, (16, 16))
+    assert latents[0].is_contiguous(memory_format=torch.channels_last)
+    for fast, slow in zip(latents, contiguous):
+        assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-6)
     assert torch.allclose(batch_maps(model, images), plain, rtol=1e-5, atol=1e-6)
