@@ -56,7 +56,7 @@ SCORINGS: dict[str, dict[str, Any]] = {
     "local_nearest_r2": {"score": "local_nearest", "search_radius": 2},
     "standardized+flips": {"score": "standardized", "test_time_flips": True},
 }
-SCORE_FIELDS = ("score", "search_radius", "smoothing", "test_time_flips")
+SCORE_FIELDS = ("score", "search_radius", "smoothing", "test_time_flips", "input_weight")
 ABLATION_SCORINGS = ("eq10", "standardized", "local_nearest_r1")
 # One switch at a time, flipped from the public code's choice to this project's former one.
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -116,7 +116,8 @@ def run_job(category: str, base: str, changes: dict[str, Any], epochs: int, thre
     result = train(config, train_set, progress=False)  # epochs=0: the untrained baseline
     model, losses = result.model, result.losses
     trained = time.perf_counter() - started
-    plain = {"smoothing": 0.0, "test_time_flips": False, "search_radius": 1}
+    plain = {"smoothing": 0.0, "test_time_flips": False, "search_radius": 1,
+             "input_weight": 0.0}
     own = {name: getattr(config, name) for name in SCORE_FIELDS}
     # The default row scores as the defaults with the group's recipe would.
     defaults = {name: getattr(PyramidFlowConfig(**group_settings(category)), name)
@@ -127,15 +128,19 @@ def run_job(category: str, base: str, changes: dict[str, Any], epochs: int, thre
     if category in PHOTO_OBJECTS:  # objects have an orientation: flipping them is no test
         scorings = {k: v for k, v in scorings.items()
                     if k in ("own", "default") or not v["test_time_flips"]}
-    # The template and spread do not depend on the score; the bank of training latents does.
+    # The template and spread do not depend on the score; the bank of training latents does,
+    # and with input_weight > 0 they cover the input pyramid too, whatever the weight.
+    def fitted_kind(scoring: dict[str, Any]) -> tuple[str, bool]:
+        return scoring["score"], scoring["input_weight"] > 0
+
     statistics = {}
-    for kind in {scoring["score"] for scoring in scorings.values()}:
-        model.config = dataclasses.replace(config, score=kind)
+    for kind in {fitted_kind(scoring) for scoring in scorings.values()}:
+        model.config = dataclasses.replace(config, score=kind[0], input_weight=float(kind[1]))
         statistics[kind] = latent_statistics(model, train_set, batch_size=config.batch_size)
     scores = {}
     for name, scoring in scorings.items():
         model.config = dataclasses.replace(config, **scoring)
-        model.set_template(statistics[scoring["score"]])
+        model.set_template(statistics[fitted_kind(scoring)])
         found = evaluate_model(model, test_set)
         scores[name] = {"pixel_auroc": found["pixel_auroc"], "aupro": found["aupro_0.3"],
                         "image_auroc": found["image_auroc"]}

@@ -41,6 +41,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "order": "odd_first",
         "loss": "fourier",
         "score": "difference",
+        "input_weight": 0.0,
         "smoothing": 0.0,
         "test_time_flips": False,
     },
@@ -93,6 +94,10 @@ class PyramidFlowConfig:
             suits registered objects, whose parts move a little between images).
         search_radius: Positions searched around each place, per level, for
             ``score="local_nearest"``.
+        input_weight: Weight ``w`` in ``[0, 1]`` of the input pyramid's score in the anomaly
+            map: each level's map is ``(1 - w)`` times the latents' score plus ``w`` times the
+            same score of the pyramid the couplings start from, fitted the same way (0: the
+            latents alone, as in the paper).
         localization: ``"difference"`` (eq. 10: per-level differences, then composition) or
             ``"compose"`` (compose first, then difference; ablation III).
         smoothing: Standard deviation in pixels of a Gaussian blur of the anomaly map (0: none,
@@ -135,6 +140,7 @@ class PyramidFlowConfig:
     score: str = "local_nearest"
     localization: str = "difference"
     search_radius: int = 1
+    input_weight: float = 0.0
     smoothing: float = 0.0
     test_time_flips: bool = False
     memory_saving: bool = True
@@ -212,6 +218,11 @@ class PyramidFlowConfig:
                 "a positive number")
         require(number(self.smoothing) and self.smoothing >= 0, "smoothing",
                 "a number of at least 0")
+        require(number(self.input_weight) and 0 <= self.input_weight <= 1, "input_weight",
+                "a number in [0, 1]")
+        if self.input_weight > 0 and self.localization == "compose":
+            raise ValueError("config.input_weight must be 0 with localization='compose' (it "
+                             f"mixes per-level maps), received {self.input_weight}")
         for name in ("image_quantile", "pixel_quantile"):
             value = getattr(self, name)
             require(number(value) and 0 <= value <= 1, name, "a quantile in [0, 1]")

@@ -98,7 +98,7 @@ class AnomalyMapModel(nn.Module):
                 module._check_rank = _checked
 
     def _maps(self, images: Tensor) -> Tensor:
-        return self.model.anomaly_map(self.model(images), (self.size, self.size))
+        return self.model.anomaly_map(self.model.scored_states(images), (self.size, self.size))
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """``(maps (B, S, S), scores (B,))`` of ``(B, 3, S, S)`` images in ``[0, 1]``."""

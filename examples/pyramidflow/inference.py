@@ -148,14 +148,13 @@ def _device(model: PyramidFlow) -> torch.device:
 
 
 def _latents(model: PyramidFlow, images: Tensor) -> tuple[Tensor, ...]:
-    """The latent pyramid of ``images``, contiguous.
+    """The states the model scores (:meth:`PyramidFlow.scored_states`), contiguous.
 
-    The model computes it channels-last on the CPU (see :meth:`PyramidFlow.forward`); the
-    latents are made contiguous again because the ``local_nearest`` score reads them one
-    channel at a time, which channels-last makes slower
-    (``benchmarks/results/pyramidflow_speed.md``).
+    The model computes them channels-last on the CPU (see :meth:`PyramidFlow.forward`); they
+    are made contiguous again because the ``local_nearest`` score reads them one channel at a
+    time, which channels-last makes slower (``benchmarks/results/pyramidflow_speed.md``).
     """
-    return tuple(z.contiguous() for z in model(images))
+    return tuple(z.contiguous() for z in model.scored_states(images))
 
 
 @torch.no_grad()

@@ -218,17 +218,34 @@ class PyramidFlow(nn.Module):
         self.spread: tuple[Tensor, ...] | None = None
         self.bank: tuple[Tensor, ...] | None = None
 
+    def _normalized(self, images: Tensor) -> Tensor:
+        # On the CPU the images enter channels-last: the convolutions then run faster and
+        # their backward needs less scratch memory (benchmarks/results/pyramidflow_speed.md).
+        if images.device.type == "cpu":
+            images = images.contiguous(memory_format=torch.channels_last)
+        return (images - self.image_mean) / self.image_std
+
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         """Latent pyramid ``(z_0, ..., z_{L-1})`` of ``(B, 3, H, W)`` images in ``[0, 1]``.
 
-        On the CPU the images enter channels-last: the convolutions then run faster and their
-        backward needs less scratch memory (``benchmarks/results/pyramidflow_speed.md``). The
-        latents come out channels-last.
+        On the CPU the latents come out channels-last.
         """
-        if images.device.type == "cpu":
-            images = images.contiguous(memory_format=torch.channels_last)
-        latents, _ = self.flow((images - self.image_mean) / self.image_std)
+        latents, _ = self.flow(self._normalized(images))
         return latents
+
+    def input_pyramid(self, images: Tensor) -> tuple[Tensor, ...]:
+        """The pyramid ``(x_0, ..., x_{L-1})`` the couplings start from (features, eq. 1)."""
+        features, _ = self.flow[0](self._normalized(images))
+        levels, _ = self.flow[1](features)
+        return levels
+
+    def scored_states(self, images: Tensor) -> tuple[Tensor, ...]:
+        """What :meth:`anomaly_map` scores: the latents, followed by the input pyramid when
+        ``config.input_weight > 0`` (``L`` or ``2L`` tensors)."""
+        latents = self(images)
+        if self.config.input_weight == 0:
+            return latents
+        return latents + self.input_pyramid(images)
 
     def compose(self, levels: tuple[Tensor, ...]) -> Tensor:
         """Pyramid composition (eq. 2) of per-level maps with any channel count."""
@@ -264,8 +281,14 @@ class PyramidFlow(nn.Module):
         self.spread = tuple(v.clamp_min(1e-12).sqrt()[None].to(dtype) for v in variance)
         self.bank = None if stats.bank is None else tuple(b.to(dtype) for b in stats.bank)
 
-    def anomaly_map(self, latents: tuple[Tensor, ...], size: tuple[int, int]) -> Tensor:
+    def anomaly_map(self, states: tuple[Tensor, ...], size: tuple[int, int]) -> Tensor:
         """Eq. 10: ``L_com({|z_d - z̄_d|})`` averaged over channels, at ``size``; ``(B, H, W)``.
+
+        ``states`` is what :meth:`scored_states` returns. With ``config.input_weight = w > 0``
+        it also holds the input pyramid, scored in the same way against its own template, and
+        each level's map is ``(1 - w) · map(z_d) + w · map(x_d)``: the flow's latents and the
+        plain multi-scale features it started from, which a trained flow can lose
+        (``docs/reproducing.rst``).
 
         With ``config.score == "standardized"`` each difference is divided by its level's and
         channel's spread first; with ``"nearest"`` a level's score is the distance of each
@@ -279,16 +302,28 @@ class PyramidFlow(nn.Module):
         """
         if self.template is None or self.spread is None:
             raise RuntimeError("the model has no latent template yet: fit it first")
-        template = tuple(t.to(z) for t, z in zip(self.template, latents))
+        levels, weight = self.config.levels, self.config.input_weight
+        expected = levels if weight == 0 else 2 * levels
+        if len(states) != expected or len(self.template) != expected:
+            raise RuntimeError(
+                f"config.input_weight={weight} scores {expected} tensors (the latents"
+                f"{'' if weight == 0 else ' and the input pyramid'}), received {len(states)} "
+                f"states and a template of {len(self.template)}: take the states from "
+                "scored_states and refit the template after changing input_weight")
+        template = tuple(t.to(z) for t, z in zip(self.template, states))
         if self.config.localization == "compose":
-            score = (self.compose(latents) - self.compose(template)).abs().mean(1, keepdim=True)
-        elif self.config.score in ("nearest", "local_nearest"):
-            score = self.compose(tuple(self._nearest_scores(latents)))
+            score = (self.compose(states) - self.compose(template)).abs().mean(1, keepdim=True)
         else:
-            differences = [(z - t).abs() for z, t in zip(latents, template)]
-            if self.config.score == "standardized":
-                differences = [d / s.to(d) for d, s in zip(differences, self.spread)]
-            score = self.compose(tuple(d.mean(1, keepdim=True) for d in differences))
+            if self.config.score in ("nearest", "local_nearest"):
+                maps = self._nearest_scores(states)
+            else:
+                differences = [(z - t).abs() for z, t in zip(states, template)]
+                if self.config.score == "standardized":
+                    differences = [d / s.to(d) for d, s in zip(differences, self.spread)]
+                maps = [d.mean(1, keepdim=True) for d in differences]
+            if weight > 0:
+                maps = [(1 - weight) * z + weight * x for z, x in zip(maps[:levels], maps[levels:])]
+            score = self.compose(tuple(maps))
         if tuple(score.shape[-2:]) != tuple(size):  # the ResNet front works at 1/4 resolution
             score = nn.functional.interpolate(score, size=size, mode="bilinear",
                                               align_corners=False)
@@ -296,7 +331,7 @@ class PyramidFlow(nn.Module):
             score = gaussian_blur(score, self.config.smoothing)
         return score[:, 0]
 
-    def _nearest_scores(self, latents: tuple[Tensor, ...]) -> list[Tensor]:
+    def _nearest_scores(self, states: tuple[Tensor, ...]) -> list[Tensor]:
         """Per-level ``(B, 1, H_d, W_d)`` maps of the ``nearest`` or ``local_nearest`` score."""
         local = self.config.score == "local_nearest"
         if self.bank is None or self.spread is None or any(
@@ -306,9 +341,9 @@ class PyramidFlow(nn.Module):
                                f"{self.config.score!r} (refit the model)")
         if local:
             return [_local_nearest_distance(z, b.to(z), s.to(z), self.config.search_radius)
-                    for z, b, s in zip(latents, self.bank, self.spread)]
+                    for z, b, s in zip(states, self.bank, self.spread)]
         return [_nearest_distance(z, b.to(z), s.to(z))
-                for z, b, s in zip(latents, self.bank, self.spread)]
+                for z, b, s in zip(states, self.bank, self.spread)]
 
     @torch.no_grad()
     def image_template(self) -> Tensor:
@@ -322,5 +357,5 @@ class PyramidFlow(nn.Module):
         if self.config.front != "lifting":
             raise ValueError("an image template needs the invertible lifting front; the "
                              "ResNet-18 stem has no inverse")
-        features, _ = self.flow.inverse(self.template)
+        features, _ = self.flow.inverse(self.template[:self.config.levels])
         return (features * self.image_std + self.image_mean)[0]

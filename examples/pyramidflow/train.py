@@ -599,7 +599,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if missing:
         raise ValueError(f"checkpoint '{path}' lacks the entries {missing}")
     state = dict(state)
-    state["config"] = PyramidFlowConfig.from_dict(json.loads(state["config"]))
+    values = json.loads(state["config"])
+    # Checkpoints written before input_weight existed scored the latents alone.
+    values.setdefault("input_weight", 0.0)
+    state["config"] = PyramidFlowConfig.from_dict(values)
     if state["thresholds"] is not None:
         state["thresholds"] = Thresholds(**state["thresholds"])
     return state

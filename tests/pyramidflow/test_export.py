@@ -49,6 +49,13 @@ def _run_torchscript(path: Path, images: torch.Tensor) -> tuple[np.ndarray, np.n
     return maps.numpy(), scores.numpy()
 
 
+VARIANTS = {
+    "local_nearest": {"score": "local_nearest"},
+    "standardized": {"score": "standardized"},
+    "difference": {"score": "difference"},
+    "input_weight": {"score": "local_nearest", "input_weight": 0.5},  # two pyramids scored
+}
+
 RUNNERS = {
     "onnx": (export_onnx, _run_onnx),
     "torchscript": (export_torchscript, _run_torchscript),
@@ -57,11 +64,11 @@ RUNNERS = {
 
 @pytest.fixture(scope="module")
 def detectors(normal_images) -> dict[str, Detector]:
-    """One tiny detector per score, trained for one epoch (thresholds included)."""
+    """One tiny detector per variant, trained for one epoch (thresholds included)."""
     settings = {"channels": 4, "levels": 3, "depth": 1, "kernel_size": 3, "image_size": 16,
                 "epochs": 1, "batch_size": 4, "holdout": 0.25}
-    return {score: Detector(score=score, **settings).fit(normal_images)
-            for score in ("local_nearest", "standardized", "difference")}
+    return {name: Detector(**variant, **settings).fit(normal_images)
+            for name, variant in VARIANTS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +80,9 @@ def test_images() -> torch.Tensor:
     pytest.param("onnx", marks=needs_onnxruntime),
     "torchscript",
 ])
-@pytest.mark.parametrize("score", ["local_nearest", "standardized", "difference"])
-def test_exported_model_matches_predict(detectors, test_images, tmp_path, form, score):
-    detector = detectors[score]
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_exported_model_matches_predict(detectors, test_images, tmp_path, form, variant):
+    detector = detectors[variant]
     write, run = RUNNERS[form]
     path = write(detector, tmp_path / f"model.{form}", batch_size=BATCH)
     maps, scores = run(path, test_images)

@@ -135,3 +135,51 @@ def test_channels_last_fast_path_gives_the_maps_of_a_contiguous_run(score):
     for fast, slow in zip(latents, contiguous):
         assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-6)
     assert torch.allclose(batch_maps(model, images), plain, rtol=1e-5, atol=1e-6)
+
+
+def test_input_pyramid_is_the_pyramid_of_the_lifted_images():
+    model = _fitted()
+    images = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        levels = model.input_pyramid(images)
+        features, _ = model.flow[1].inverse(levels)
+        rebuilt, _ = model.flow[0].inverse(features)
+    assert [tuple(x.shape) for x in levels] == [(2, 4, 16, 16), (2, 4, 8, 8), (2, 4, 4, 4)]
+    assert torch.allclose(rebuilt, (images - model.image_mean) / model.image_std, atol=1e-4)
+
+
+@pytest.mark.parametrize("score", ["local_nearest", "standardized"])
+def test_input_weight_mixes_the_maps_of_the_latents_and_of_the_input_pyramid(score):
+    images, training = torch.rand(2, 3, 16, 16), torch.rand(6, 3, 16, 16)
+    model = _fitted(score=score)
+    maps = {}
+    for weight in (0.0, 0.3, 1.0):
+        model.config.input_weight = weight
+        model.set_template(latent_statistics(model, training))
+        maps[weight] = batch_maps(model, images)
+    assert torch.allclose(maps[0.3], 0.7 * maps[0.0] + 0.3 * maps[1.0], atol=1e-5)
+    assert not torch.allclose(maps[0.0], maps[1.0], atol=1e-3)
+    # With weight 1 the couplings play no part: changing them leaves the map as it was.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 4:
+                parameter.add_(0.1)
+    model.set_template(latent_statistics(model, training))
+    assert torch.allclose(batch_maps(model, images), maps[1.0], atol=1e-6)
+
+
+def test_a_template_fitted_for_another_input_weight_is_a_clear_error():
+    model = _fitted(score="local_nearest")
+    model.config.input_weight = 0.5
+    with pytest.raises(RuntimeError, match=r"input_weight=0.5 scores 6 tensors .* refit"):
+        batch_maps(model, torch.rand(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"input_weight": 1.5}, r"config.input_weight must be a number in \[0, 1\], received 1.5"),
+    ({"input_weight": 0.5, "localization": "compose"},
+     "config.input_weight must be 0 with localization='compose'"),
+])
+def test_bad_input_weights_are_rejected(settings, message):
+    with pytest.raises(ValueError, match=message):
+        PyramidFlowConfig(**SMALL, **settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -145,3 +146,15 @@ def test_augmentation_only_flips_and_rotates():
         variants = [original.rot90(k, (-2, -1)) for k in range(4)]
         variants += [v.flip(-1) for v in variants]
         assert any(torch.equal(changed, v) for v in variants)
+
+
+def test_a_checkpoint_from_before_input_weight_loads_scoring_the_latents_alone(
+        tmp_path, tiny_config, normal_images):
+    config = tiny_config(epochs=1, input_weight=0.0)
+    result = train(config, normal_images, checkpoint_dir=tmp_path, progress=False)
+    state = torch.load(result.checkpoint, weights_only=False)
+    values = json.loads(state["config"])
+    del values["input_weight"]
+    state["config"] = json.dumps(values)
+    torch.save(state, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt")["config"] == config
