@@ -55,6 +55,9 @@ SCORINGS: dict[str, dict[str, Any]] = {
     "local_nearest_r1": {"score": "local_nearest", "search_radius": 1},
     "local_nearest_r2": {"score": "local_nearest", "search_radius": 2},
     "standardized+flips": {"score": "standardized", "test_time_flips": True},
+    # The input pyramid's score alone (what the couplings start from), radius 0 and 1.
+    "input_r0": {"score": "local_nearest", "search_radius": 0, "input_weight": 1.0},
+    "input_r1": {"score": "local_nearest", "search_radius": 1, "input_weight": 1.0},
 }
 SCORE_FIELDS = ("score", "search_radius", "smoothing", "test_time_flips", "input_weight")
 ABLATION_SCORINGS = ("eq10", "standardized", "local_nearest_r1")

@@ -97,7 +97,8 @@ class PyramidFlowConfig:
         input_weight: Weight ``w`` in ``[0, 1]`` of the input pyramid's score in the anomaly
             map: each level's map is ``(1 - w)`` times the latents' score plus ``w`` times the
             same score of the pyramid the couplings start from, fitted the same way (0: the
-            latents alone, as in the paper).
+            latents alone, as in the paper; 0.5 was chosen on the selection photographs,
+            ``benchmarks/results/input_weight_selection.md``).
         localization: ``"difference"`` (eq. 10: per-level differences, then composition) or
             ``"compose"`` (compose first, then difference; ablation III).
         smoothing: Standard deviation in pixels of a Gaussian blur of the anomaly map (0: none,
@@ -140,7 +141,7 @@ class PyramidFlowConfig:
     score: str = "local_nearest"
     localization: str = "difference"
     search_radius: int = 1
-    input_weight: float = 0.0
+    input_weight: float = 0.5
     smoothing: float = 0.0
     test_time_flips: bool = False
     memory_saving: bool = True

@@ -235,9 +235,13 @@ class PyramidFlow(nn.Module):
 
     def input_pyramid(self, images: Tensor) -> tuple[Tensor, ...]:
         """The pyramid ``(x_0, ..., x_{L-1})`` the couplings start from (features, eq. 1)."""
-        features, _ = self.flow[0](self._normalized(images))
-        levels, _ = self.flow[1](features)
-        return levels
+        state = self._normalized(images)
+        for module in (self.flow[0], self.flow[1]):  # the front, then the pyramid
+            # As in autoflow.Sequential: invertible modules return (output, log-det), plain
+            # ones (the ResNet-18 stem) their output.
+            state = module(state)[0] if isinstance(module, autoflow.InvertibleModule) else (
+                module(state))
+        return state
 
     def scored_states(self, images: Tensor) -> tuple[Tensor, ...]:
         """What :meth:`anomaly_map` scores: the latents, followed by the input pyramid when

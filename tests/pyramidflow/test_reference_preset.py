@@ -80,7 +80,7 @@ def test_every_preset_setting_is_a_config_field_and_overrides_win():
 def test_standardized_score_divides_by_the_training_spread():
     torch.manual_seed(0)
     config = PyramidFlowConfig(channels=4, levels=2, depth=1, kernel_size=3, image_size=8,
-                               score="standardized")
+                               score="standardized", input_weight=0.0)
     model = PyramidFlow(config).eval()
     latents = [tuple(torch.randn(1, 4, 8 >> d, 8 >> d) for d in range(2)) for _ in range(5)]
     stacked = [torch.cat([z[d] for z in latents]).double() for d in range(2)]

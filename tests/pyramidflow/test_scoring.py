@@ -125,7 +125,7 @@ def test_a_bank_of_the_other_kind_is_a_clear_error():
 def test_channels_last_fast_path_gives_the_maps_of_a_contiguous_run(score):
     # The model runs its flow channels-last on the CPU (faster convolutions); the latents and
     # maps must be those of the flow run on contiguous images.
-    model = _fitted(score=score)
+    model = _fitted(score=score, input_weight=0.0)
     images = torch.rand(3, 3, 16, 16)
     with torch.no_grad():
         contiguous, _ = model.flow((images - model.image_mean) / model.image_std)
@@ -169,7 +169,7 @@ def test_input_weight_mixes_the_maps_of_the_latents_and_of_the_input_pyramid(sco
 
 
 def test_a_template_fitted_for_another_input_weight_is_a_clear_error():
-    model = _fitted(score="local_nearest")
+    model = _fitted(score="local_nearest", input_weight=0.0)
     model.config.input_weight = 0.5
     with pytest.raises(RuntimeError, match=r"input_weight=0.5 scores 6 tensors .* refit"):
         batch_maps(model, torch.rand(1, 3, 16, 16))

@@ -62,8 +62,9 @@ def test_checkpoints_hold_training_state_and_the_final_one_the_template(
     assert last["epoch"] == 2 and last["config"] == tiny_config()
     assert last["thresholds"] == result.thresholds
     assert last["holdout"] == result.holdout_indices
-    assert [tuple(t.shape) for t in last["template"]] == [(1, 4, 16, 16), (1, 4, 8, 8),
-                                                          (1, 4, 4, 4)]
+    # The latents' template, then the input pyramid's (config.input_weight > 0).
+    assert [tuple(t.shape) for t in last["template"]] == 2 * [(1, 4, 16, 16), (1, 4, 8, 8),
+                                                              (1, 4, 4, 4)]
 
 
 def test_resume_rejects_another_config(tmp_path, tiny_config, normal_images):
