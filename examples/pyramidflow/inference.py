@@ -196,7 +196,10 @@ def anomaly_maps(model: PyramidFlow, data: ImageSource, *, batch_size: int = 8,
 @torch.no_grad()
 def latent_statistics(model: PyramidFlow, data: ImageSource, *, batch_size: int = 8,
                       num_workers: int = 0) -> LatentStatistics:
-    """Per-level sums of the eval-mode latents of ``data`` and of their squares.
+    """Per-level sums of the eval-mode scored states of ``data`` and of their squares.
+
+    The states are :meth:`PyramidFlow.scored_states`: the latents, and with
+    ``config.input_weight > 0`` the input pyramid too.
 
     The input of :meth:`PyramidFlow.set_template`; float64 sums keep the mean and the spread
     exact enough over thousands of images.

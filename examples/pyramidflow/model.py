@@ -40,6 +40,9 @@ BANK_IMAGES = 32
 class LatentStatistics(NamedTuple):
     """Per-level sums of training latents and of their squares, over ``count`` images.
 
+    The levels are those of :meth:`PyramidFlow.scored_states`: the latents, then the input
+    pyramid's levels when ``config.input_weight > 0``.
+
     Attributes:
         sums: Level ``d``: ``(C, H_d, W_d)`` sum of the latents (float64).
         square_sums: Level ``d``: ``(C, H_d, W_d)`` sum of the squared latents (float64).
