@@ -94,8 +94,16 @@ class Sequential(InvertibleModule):
     def __iter__(self) -> Iterator[nn.Module]:
         return iter(self._modules.values())
 
-    def __getitem__(self, index: int) -> nn.Module:
-        return list(self._modules.values())[index]
+    def __getitem__(self, index: int | slice) -> nn.Module:
+        """The module at ``index``; a slice gives a chain of those modules (the same objects,
+        not copies) with this chain's engine settings, e.g. ``flow[:2](x)`` for a prefix."""
+        modules = list(self._modules.values())
+        if not isinstance(index, slice):
+            return modules[index]
+        options = self.engine_options
+        return Sequential(*modules[index], memory_saving=self.memory_saving,
+                          anchor_every=options.anchor_every, debug=options.debug,
+                          preserve_rng_state=options.preserve_rng_state)
 
     @property
     def bijective(self) -> bool:  # type: ignore[override]

@@ -82,3 +82,19 @@ def test_members_must_be_modules():
         Sequential(autoflow.ActNorm(2), 3)
     flow = Sequential(autoflow.ActNorm(2)).append(autoflow.Permute(2))
     assert len(flow) == 2 and flow.volume_preserving is False
+
+
+def test_a_slice_is_a_chain_of_the_same_modules_with_the_same_engine_settings():
+    torch.manual_seed(0)
+    flow = Sequential(autoflow.ActNorm(4), autoflow.InvConv1x1(4), autoflow.AffineCoupling(4),
+                      memory_saving=True, anchor_every=2)
+    head, tail = flow[:2], flow[2:]
+    assert isinstance(head, Sequential) and list(head) == list(flow)[:2]
+    assert tail[0] is flow[2] and len(tail) == 1
+    assert head.memory_saving and head.engine_options.anchor_every == 2
+    x = torch.randn(2, 4, 4, 4)
+    y, logdet = flow(x)
+    middle, first = head(x)
+    rest, second = tail(middle)
+    assert torch.allclose(rest, y, atol=1e-6) and torch.allclose(first + second, logdet,
+                                                                  atol=1e-5)

@@ -147,7 +147,7 @@ def _device(model: PyramidFlow) -> torch.device:
     return next(model.parameters()).device
 
 
-def _latents(model: PyramidFlow, images: Tensor) -> tuple[Tensor, ...]:
+def _scored_states(model: PyramidFlow, images: Tensor) -> tuple[Tensor, ...]:
     """The states the model scores (:meth:`PyramidFlow.scored_states`), contiguous.
 
     The model computes them channels-last on the CPU (see :meth:`PyramidFlow.forward`); they
@@ -170,13 +170,13 @@ def batch_maps(model: PyramidFlow, images: Tensor) -> Tensor:
         size = model.config.image_size
         images = to_image_batch(images, size).to(_device(model))
         if not model.config.test_time_flips:
-            return model.anomaly_map(_latents(model, images), (size, size)).float().cpu()
+            return model.anomaly_map(_scored_states(model, images), (size, size)).float().cpu()
         total = torch.zeros(len(images), size, size, device=images.device)
         for turns, flip in itertools.product(range(4), (False, True)):
             def view(x: Tensor, turns: int = turns, flip: bool = flip) -> Tensor:
                 x = x.flip(-1) if flip else x
                 return x.rot90(turns, (-2, -1))
-            maps = model.anomaly_map(_latents(model, view(images)), (size, size))
+            maps = model.anomaly_map(_scored_states(model, view(images)), (size, size))
             # Undo the view on the map: rotate back, then flip back.
             maps = maps.rot90(-turns, (-2, -1))
             total += maps.flip(-1) if flip else maps
@@ -225,17 +225,18 @@ def latent_statistics(model: PyramidFlow, data: ImageSource, *, batch_size: int 
     try:
         size = model.config.image_size
         for batch in image_batches(dataset, size, batch_size, num_workers):
-            latents = [z.double() for z in _latents(model, batch["image"].to(_device(model)))]
-            parts = [z.sum(0) for z in latents]
-            squares = [z.square().sum(0) for z in latents]
+            images = batch["image"].to(_device(model))
+            states = [z.double() for z in _scored_states(model, images)]
+            parts = [z.sum(0) for z in states]
+            squares = [z.square().sum(0) for z in states]
             sums = parts if sums is None else [s + p for s, p in zip(sums, parts)]
             square_sums = squares if square_sums is None else [
                 s + p for s, p in zip(square_sums, squares)]
             if model.config.score == "nearest":
-                samples.append([_sample_vectors(z, per_image, generator) for z in latents])
+                samples.append([_sample_vectors(z, per_image, generator) for z in states])
             elif model.config.score == "local_nearest":
                 keep = [i for i in range(len(batch["image"])) if count + i in banked]
-                samples.append([z[keep].float() for z in latents])
+                samples.append([z[keep].float() for z in states])
             count += len(batch["image"])
     finally:
         model.train(was_training)

@@ -238,21 +238,20 @@ class PyramidFlow(nn.Module):
 
     def input_pyramid(self, images: Tensor) -> tuple[Tensor, ...]:
         """The pyramid ``(x_0, ..., x_{L-1})`` the couplings start from (features, eq. 1)."""
-        state = self._normalized(images)
-        for module in (self.flow[0], self.flow[1]):  # the front, then the pyramid
-            # As in autoflow.Sequential: invertible modules return (output, log-det), plain
-            # ones (the ResNet-18 stem) their output.
-            state = module(state)[0] if isinstance(module, autoflow.InvertibleModule) else (
-                module(state))
-        return state
+        levels, _ = self.flow[:2](self._normalized(images))  # the front, then the pyramid
+        return levels
 
     def scored_states(self, images: Tensor) -> tuple[Tensor, ...]:
         """What :meth:`anomaly_map` scores: the latents, followed by the input pyramid when
-        ``config.input_weight > 0`` (``L`` or ``2L`` tensors)."""
-        latents = self(images)
+        ``config.input_weight > 0`` (``L`` or ``2L`` tensors).
+
+        Both come from one run: the couplings continue from the input pyramid.
+        """
         if self.config.input_weight == 0:
-            return latents
-        return latents + self.input_pyramid(images)
+            return self(images)
+        levels = self.input_pyramid(images)
+        latents, _ = self.flow[2:](levels)
+        return latents + levels
 
     def compose(self, levels: tuple[Tensor, ...]) -> Tensor:
         """Pyramid composition (eq. 2) of per-level maps with any channel count."""
