@@ -34,7 +34,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 TRAINING_SEEDS = (0, 1, 2)
-METRICS = ("pixel_auroc", "aupro", "image_auroc")
 
 
 def run_job(category: str, training_seed: int, models: str, threads: int) -> dict[str, Any]:
@@ -45,7 +44,7 @@ def run_job(category: str, training_seed: int, models: str, threads: int) -> dic
 
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from real_defects import group_settings
+    from real_defects import group_settings, table_metrics
 
     from examples.pyramidflow import PyramidFlow, PyramidFlowConfig, train
     from examples.pyramidflow.evaluate import collect_maps, metrics_from_maps
@@ -83,9 +82,7 @@ def run_job(category: str, training_seed: int, models: str, threads: int) -> dic
     scores = {}
     for weight in WEIGHTS:
         maps = (1 - weight) * ends[0.0] + weight * ends[1.0]
-        found = metrics_from_maps(maps, masks, labels)
-        scores[str(weight)] = {"pixel_auroc": found["pixel_auroc"], "aupro": found["aupro_0.3"],
-                               "image_auroc": found["image_auroc"]}
+        scores[str(weight)] = table_metrics(metrics_from_maps(maps, masks, labels))
     return {"category": category, "training_seed": training_seed,
             "seconds": round(trained, 1), "scores": scores}
 
@@ -96,6 +93,9 @@ def _mean(values: list[float]) -> float:
 
 def write_table(results: list[dict[str, Any]], seconds: float) -> None:
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from real_defects import METRICS
+
     from examples.pyramidflow.photos import PHOTO_OBJECTS, PHOTO_TEXTURES
 
     groups = {"textures": list(PHOTO_TEXTURES), "objects": list(PHOTO_OBJECTS)}

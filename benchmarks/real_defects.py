@@ -90,6 +90,12 @@ def group_settings(category: str) -> dict[str, Any]:
     return {"volume_norm": "channel", "augment": False}
 
 
+def table_metrics(found: dict[str, Any]) -> dict[str, float]:
+    """The three numbers of :data:`METRICS` from an ``evaluate_model`` result."""
+    return {"pixel_auroc": found["pixel_auroc"], "aupro": found["aupro_0.3"],
+            "image_auroc": found["image_auroc"]}
+
+
 def run_job(category: str, base: str, changes: dict[str, Any], epochs: int, threads: int,
             train_images: int, test_images: int, explore: bool = False,
             image_size: int = 128, data_seed: int = 0,
@@ -144,9 +150,7 @@ def run_job(category: str, base: str, changes: dict[str, Any], epochs: int, thre
     for name, scoring in scorings.items():
         model.config = dataclasses.replace(config, **scoring)
         model.set_template(statistics[fitted_kind(scoring)])
-        found = evaluate_model(model, test_set)
-        scores[name] = {"pixel_auroc": found["pixel_auroc"], "aupro": found["aupro_0.3"],
-                        "image_auroc": found["image_auroc"]}
+        scores[name] = table_metrics(evaluate_model(model, test_set))
     return {"category": category, "base": base, "changes": changes, "epochs": epochs,
             "seconds": round(trained, 1), "losses": losses, "scores": scores}
 
