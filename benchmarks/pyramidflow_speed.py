@@ -51,7 +51,7 @@ def worker(task: str, size: int, steps: int) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from examples.pyramidflow.config import PyramidFlowConfig
-    from examples.pyramidflow.inference import BANK_IMAGES, batch_maps, latent_statistics
+    from examples.pyramidflow.inference import batch_maps, latent_statistics
     from examples.pyramidflow.model import PyramidFlow
 
     torch.manual_seed(0)
@@ -61,9 +61,10 @@ def worker(task: str, size: int, steps: int) -> dict:
                                **changes)
     model = PyramidFlow(config)
     if task.startswith("inference"):
-        # The template, spread and (for the default local_nearest score) the bank of 32 banked
-        # training latents, as a fitted detector holds them.
-        model.set_template(latent_statistics(model, torch.rand(BANK_IMAGES, 3, size, size)))
+        # The template, spread and (for the default local_nearest score) the bank of
+        # config.bank_images banked training images' states, as a fitted detector holds them.
+        model.set_template(latent_statistics(model,
+                                             torch.rand(config.bank_images, 3, size, size)))
         model.eval()
         images = torch.rand(8, 3, size, size)
         times = []

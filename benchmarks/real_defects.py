@@ -59,7 +59,8 @@ SCORINGS: dict[str, dict[str, Any]] = {
     "input_r0": {"score": "local_nearest", "search_radius": 0, "input_weight": 1.0},
     "input_r1": {"score": "local_nearest", "search_radius": 1, "input_weight": 1.0},
 }
-SCORE_FIELDS = ("score", "search_radius", "smoothing", "test_time_flips", "input_weight")
+SCORE_FIELDS = ("score", "search_radius", "bank_images", "smoothing", "test_time_flips",
+                "input_weight")
 ABLATION_SCORINGS = ("eq10", "standardized", "local_nearest_r1")
 # One switch at a time, flipped from the public code's choice to this project's former one.
 ABLATIONS: dict[str, dict[str, Any]] = {

@@ -89,11 +89,15 @@ class PyramidFlowConfig:
             latents, so every channel and level speaks in units of its normal spread) or
             ``"nearest"`` (the standardised distance to the nearest of 8192 training latent
             vectors per level, from any position: several templates instead of their mean) or
-            ``"local_nearest"`` (the standardised distance to the nearest latent vector of 32
-            banked training images within ``search_radius`` positions of the same place:
-            suits registered objects, whose parts move a little between images).
+            ``"local_nearest"`` (the standardised distance to the nearest latent vector of
+            the ``bank_images`` banked training images within ``search_radius`` positions of
+            the same place: suits registered objects, whose parts move a little between
+            images).
         search_radius: Positions searched around each place, per level, for
             ``score="local_nearest"``.
+        bank_images: Training images, evenly spaced through the training set, whose whole
+            scored states the ``local_nearest`` score keeps and searches (all of them when the
+            set is smaller). Memory and scoring time grow in proportion.
         input_weight: Weight ``w`` in ``[0, 1]`` of the input pyramid's score in the anomaly
             map: each level's map is ``(1 - w)`` times the latents' score plus ``w`` times the
             same score of the pyramid the couplings start from, fitted the same way (0: the
@@ -141,6 +145,7 @@ class PyramidFlowConfig:
     score: str = "local_nearest"
     localization: str = "difference"
     search_radius: int = 1
+    bank_images: int = 32
     input_weight: float = 0.5
     smoothing: float = 0.0
     test_time_flips: bool = False
@@ -169,7 +174,7 @@ class PyramidFlowConfig:
                 raise ValueError(f"config.{name} must be a bool, received "
                                  f"{getattr(self, name)!r}")
         for name in ("channels", "levels", "depth", "kernel_size", "image_size", "epochs",
-                     "batch_size", "hidden_factor", "search_radius"):
+                     "batch_size", "hidden_factor", "search_radius", "bank_images"):
             value = getattr(self, name)
             least = 0 if name in ("epochs", "search_radius") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < least:

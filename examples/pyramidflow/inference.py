@@ -17,7 +17,7 @@ from torch.nn import functional
 from torch.utils.data import DataLoader, Dataset
 
 from .datasets import Sample
-from .model import BANK_IMAGES, BANK_SIZE, LatentStatistics, PyramidFlow
+from .model import BANK_SIZE, LatentStatistics, PyramidFlow
 
 __all__ = [
     "ImageSource",
@@ -218,10 +218,11 @@ def latent_statistics(model: PyramidFlow, data: ImageSource, *, batch_size: int 
     # to the bank, drawn from a generator seeded by the run's seed.
     per_image = -(-BANK_SIZE // max(len(dataset), 1))  # type: ignore[arg-type]
     generator = torch.Generator().manual_seed(model.config.seed)
-    # With score="local_nearest", the whole latents of BANK_IMAGES images evenly spaced
-    # through the set (not the first ones: folders are often sorted by capture).
-    banked = set(torch.linspace(0, len(dataset) - 1, BANK_IMAGES).round().long().tolist()
-                 if len(dataset) > BANK_IMAGES else range(len(dataset)))  # type: ignore[arg-type]
+    # With score="local_nearest", the whole states of config.bank_images images evenly
+    # spaced through the set (not the first ones: folders are often sorted by capture).
+    kept = model.config.bank_images
+    banked = set(torch.linspace(0, len(dataset) - 1, kept).round().long().tolist()
+                 if len(dataset) > kept else range(len(dataset)))  # type: ignore[arg-type]
     try:
         size = model.config.image_size
         for batch in image_batches(dataset, size, batch_size, num_workers):

@@ -20,7 +20,7 @@ import autoflow
 from .config import PyramidFlowConfig
 from .resnet_stem import ResNet18Stem
 
-__all__ = ["BANK_IMAGES", "BANK_SIZE", "LatentStatistics", "PyramidFlow", "gaussian_blur",
+__all__ = ["BANK_SIZE", "LatentStatistics", "PyramidFlow", "gaussian_blur",
            "pyramid_couplings"]
 
 _IMAGE_STATISTICS = {
@@ -31,10 +31,6 @@ _IMAGE_STATISTICS = {
 
 BANK_SIZE = 8192
 """Training latent vectors kept per level for ``score="nearest"``."""
-
-BANK_IMAGES = 32
-"""Training images, evenly spaced through the set, whose whole latent pyramids are kept for
-``score="local_nearest"``."""
 
 
 class LatentStatistics(NamedTuple):

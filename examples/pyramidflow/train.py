@@ -602,6 +602,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     values = json.loads(state["config"])
     # Checkpoints written before input_weight existed scored the latents alone.
     values.setdefault("input_weight", 0.0)
+    # Those written before bank_images existed banked 32 images.
+    values.setdefault("bank_images", 32)
     state["config"] = PyramidFlowConfig.from_dict(values)
     if state["thresholds"] is not None:
         state["thresholds"] = Thresholds(**state["thresholds"])

@@ -103,15 +103,21 @@ def test_local_nearest_score_is_the_distance_to_the_closest_nearby_training_vect
     assert own.abs().max() < 1e-3
 
 
-def test_local_nearest_banks_images_evenly_spaced_through_a_large_set(monkeypatch):
-    import examples.pyramidflow.inference as inference
-
-    monkeypatch.setattr(inference, "BANK_IMAGES", 3)
-    model = PyramidFlow(PyramidFlowConfig(**SMALL, score="local_nearest")).eval()
+def test_local_nearest_banks_bank_images_evenly_spaced_through_a_large_set():
+    model = PyramidFlow(PyramidFlowConfig(**SMALL, score="local_nearest", bank_images=3)).eval()
     images = torch.rand(7, 3, 16, 16)
     stats = latent_statistics(model, images, batch_size=2)
     expected = torch.cat([model(images[[0, 3, 6]])[0]])
     assert torch.allclose(stats.bank[0], expected, atol=1e-5)
+    # A set no larger than bank_images is banked whole.
+    model.config.bank_images = 7
+    assert len(latent_statistics(model, images, batch_size=3).bank[0]) == 7
+
+
+def test_bank_images_must_be_a_positive_int():
+    for wrong in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="config.bank_images must be an int of at least 1"):
+            PyramidFlowConfig(bank_images=wrong)
 
 
 def test_a_bank_of_the_other_kind_is_a_clear_error():
