@@ -36,7 +36,8 @@ A checkpoint is one ``torch.save`` file of plain tensors, numbers, strings, list
     model       the model's state dict         optimizer   Adam's state dict, or None
     template    per-level latent template, or None until training ends
     spread      per-level, per-channel spread of the training latents, or None likewise
-    bank        per-level training latent vectors (score "nearest"), or None
+    bank        per-level training latents kept for score "nearest" (vectors) or
+                "local_nearest" (whole states of config.bank_images images), or None
     thresholds  {"image": float, "pixel": float}, or None
     holdout     indices of the held-out images, or None
 """
