@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .banded import map_in_bands
 from .base import (
     InvertibleModule,
     Reconstruction,
@@ -138,6 +139,13 @@ def make_conditioner(
 @self_contained
 class _Conditioner(nn.Sequential):
     """The default conditioner; a ``(B, C)`` vector batch runs through it as 1×1 images."""
+
+    @property
+    def receptive_radius(self) -> int:
+        """How many rows (and columns) on each side of a position its output reads: the sum
+        of the convolutions' ``dilation * (kernel_size - 1) / 2``."""
+        return sum(m.dilation[0] * (m.kernel_size[0] - 1) // 2
+                   for m in self if isinstance(m, nn.Conv2d))
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 2:
@@ -248,6 +256,10 @@ class Coupling(InvertibleModule):
         (2, (1, 4, 2, 2))
     """
 
+    _bandable = True
+    """Whether :attr:`band_rows` may be set: the target can be an image whose rows the
+    conditioner's output rows match."""
+
     def __init__(
         self,
         conditioner: nn.Module,
@@ -295,6 +307,57 @@ class Coupling(InvertibleModule):
         if transform is not None:
             self.volume_preserving = transform.volume_preserving and (
                 mixer is None or mixer.volume_preserving)
+        self._band_rows: int | None = None
+
+    @property
+    def band_rows(self) -> int | None:
+        """Evaluate the coupling in bands of at most this many rows (``None``: all at once).
+
+        For image states whose conditioner input has the target's height and width (a
+        :class:`~autoflow.PyramidCoupling` with ``condition_at="target"``, a
+        :class:`~autoflow.DualPyramidCoupling`, a channel coupling), taller than
+        ``band_rows``: the conditioner then runs on one band and its ``receptive_radius``
+        rows around it at a time, and backward rebuilds each band instead of keeping the
+        conditioner's activations (:mod:`autoflow.banded`). The result is the same up to
+        float rounding; the memory of the conditioner's activations falls to a band's, for
+        one more conditioner evaluation in backward. Setting it needs a conditioner with a
+        ``receptive_radius`` (:func:`make_conditioner`'s) and no volume normalisation or the
+        channel mode (the spatial mode averages over all rows).
+
+        Raises:
+            AutoflowError: On setting a value that is not ``None`` or an int ``>= 1``, or
+                on a coupling that cannot be evaluated in bands.
+        """
+        return self._band_rows
+
+    @band_rows.setter
+    def band_rows(self, rows: int | None) -> None:
+        name = type(self).__name__
+        if rows is not None:
+            check_int(rows, "band_rows", name)
+            if not self._bandable:
+                raise AutoflowError(
+                    f"{name} cannot be evaluated in bands of rows (its target is not an image "
+                    f"of the conditioner input's size), received band_rows={rows}"
+                )
+            radius = getattr(self.conditioner, "receptive_radius", None)
+            if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
+                raise AutoflowError(
+                    f"{name} band_rows needs a conditioner with an int receptive_radius (how "
+                    f"many rows around a position its output reads, as make_conditioner's "
+                    f"has), received a {type(self.conditioner).__name__} with "
+                    f"receptive_radius={radius!r}"
+                )
+            if self.volume_norm is not None and self.volume_norm.mode != "channel":
+                raise AutoflowError(
+                    f"{name} band_rows needs volume_norm None or 'channel', received "
+                    f"{self.volume_norm.mode!r}, whose mean spans all rows"
+                )
+        self._band_rows = rows
+
+    def _in_bands(self, features: Tensor, target: Tensor) -> bool:
+        return (self._band_rows is not None and target.dim() == 4 and features.dim() == 4
+                and features.shape[2:] == target.shape[2:] and target.shape[2] > self._band_rows)
 
     @property
     def params_per_element(self) -> int:
@@ -366,14 +429,22 @@ class Coupling(InvertibleModule):
                                     align_corners=False, antialias=True)
         return torch.cat([features, context], dim=1)
 
-    def _params(
-        self, kept: Sequence[Tensor], target: Tensor, *, update: bool,
-        context: Tensor | None = None,
-    ) -> tuple[Tensor | None, ...]:
+    def _features(self, kept: Sequence[Tensor], target: Tensor,
+                  context: Tensor | None) -> Tensor:
+        """What the conditioner reads: its input with the context, if any."""
+        return self._with_context(self._conditioner_input(kept, target), context)
+
+    def _params(self, features: Tensor, target: Tensor, *, update: bool
+                ) -> tuple[Tensor | None, ...]:
         """The map's parameters: ``(s, t)`` (``s`` None when additive), or ``(theta,)`` of
-        shape ``target.shape + (P,)`` with a transform."""
-        features = self._with_context(self._conditioner_input(kept, target), context)
+        shape ``target.shape + (P,)`` with a transform, from the conditioner's input."""
         out = self._fit_to_target(self.conditioner(features), target)
+        return self._params_from(out, target, update=update)
+
+    def _params_from(self, out: Tensor, target: Tensor, *, update: bool,
+                     rows: tuple[int, int, int] | None = None) -> tuple[Tensor | None, ...]:
+        """The map's parameters from the conditioner's output ``out`` for ``target``, which
+        is rows ``rows = (start, stop, height)`` of the whole target when given."""
         factor = self.params_per_element
         expected = (target.shape[0], factor * target.shape[1], *target.shape[2:])
         if not isinstance(out, Tensor) or tuple(out.shape) != expected:
@@ -400,7 +471,9 @@ class Coupling(InvertibleModule):
                 "volume_norm=None for vector data"
             )
         if self.volume_norm is not None:
-            s = self.volume_norm(s, update=update)
+            # rows only when banded: a VolumeNorm subclass written before it keeps working.
+            s = (self.volume_norm(s, update=update) if rows is None
+                 else self.volume_norm(s, update=update, rows=rows))
         return s, t
 
     def _transform_target(self, x: Tensor, theta: Tensor, *, inverse: bool
@@ -462,8 +535,7 @@ class Coupling(InvertibleModule):
                 for a conditional one.
         """
         kept, target = self._split(x)
-        params = self._params(kept, target, update=True, context=context)
-        y, logdet = self._forward_target(target, *params)
+        y, logdet = self._map_target(kept, target, inverse=False, update=True, context=context)
         return self._merge(kept, y), logdet
 
     def inverse(self, y: State, *, context: Tensor | None = None) -> tuple[State, Tensor]:
@@ -475,9 +547,17 @@ class Coupling(InvertibleModule):
             ShapeError: If ``y`` does not have the structure and channels the module expects.
         """
         kept, target = self._split(y)
-        params = self._params(kept, target, update=False, context=context)
-        x, logdet = self._inverse_target(target, *params)
+        x, logdet = self._map_target(kept, target, inverse=True, update=False, context=context)
         return self._merge(kept, x), logdet
+
+    def _map_target(self, kept: Sequence[Tensor], target: Tensor, *, inverse: bool,
+                    update: bool, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        features = self._features(kept, target, context)
+        if self._in_bands(features, target):
+            return map_in_bands(self, features, target, inverse=inverse, update=update)
+        params = self._params(features, target, update=update)
+        step = self._inverse_target if inverse else self._forward_target
+        return step(target, *params)
 
     # Engine hooks ------------------------------------------------------------------------
 
@@ -497,7 +577,22 @@ class Coupling(InvertibleModule):
         # invert the target (detached) and to recompute the map with a graph.
         kept, given = self._split(state)
         kept = [k.detach().requires_grad_() for k in kept]
-        params = self._params(kept, given, update=False, context=context)
+        n_kept = len(kept)
+
+        def input_from_leaves(tensors: Sequence[Tensor]) -> State:
+            return self._merge(list(tensors[:n_kept]), tensors[n_kept])
+
+        features = self._features(kept, given, context)
+        if self._in_bands(features, given):
+            with torch.no_grad():
+                other, back_logdet = map_in_bands(self, features, given,
+                                                  inverse=given_is_output, update=False)
+            leaf = other.detach().requires_grad_()
+            output, logdet = map_in_bands(self, features, leaf, inverse=not given_is_output,
+                                          update=False, known=(given, -back_logdet))
+            return Reconstruction([*kept, leaf], self._merge(kept, output), logdet,
+                                  input_from_leaves)
+        params = self._params(features, given, update=False)
         values = tuple(None if p is None else p.detach() for p in params)
         back, forth = (
             (self._inverse_target, self._forward_target)
@@ -508,11 +603,6 @@ class Coupling(InvertibleModule):
             other, _ = back(given, *values)
         leaf = other.detach().requires_grad_()
         output, logdet = forth(leaf, *params)
-        n_kept = len(kept)
-
-        def input_from_leaves(tensors: Sequence[Tensor]) -> State:
-            return self._merge(list(tensors[:n_kept]), tensors[n_kept])
-
         return Reconstruction([*kept, leaf], self._merge(kept, output), logdet, input_from_leaves)
 
 

@@ -346,6 +346,14 @@ class _Plan:
         self.device_type = flatten_state(x)[0].device.type
         self.autocast = _autocast_state(self.device_type)
 
+    def gradient_reaches(self, i: int) -> bool:
+        """Whether the backward pass must go on to the input of module ``i``: some module up
+        to ``i`` uses a tensor requiring grad, or the chain's input requires grad (always in
+        debug mode, which measures every module's reconstruction)."""
+        wanted = [j for j, found in enumerate(self.block_externals) if found]
+        return self.options.debug or any(self.input_requires_grad) or (
+            bool(wanted) and wanted[0] <= i)
+
     def keeps_input(self, i: int) -> bool:
         anchor = self.options.anchor_every
         return self.options.debug or (anchor is not None and i % anchor == 0)
@@ -596,6 +604,11 @@ class _MemorySavingChain(torch.autograd.Function):
         outer_rng = _rng_state(state) if plan.options.preserve_rng_state else None
         try:
             for first, last in reversed(plan.runs):
+                if not plan.gradient_reaches(last):
+                    # Nothing at or before this run wants a gradient (frozen first modules
+                    # on an input without grad): rebuilding them would be wasted work and
+                    # memory, often the step's peak, as they run at the input's size.
+                    break
                 state, grad_state = _backward_run(
                     plan, first, last, state, grad_state, grad_logdet, kept.get(first),
                     autocast, external_grads

@@ -127,6 +127,7 @@ class MaskedCoupling(Coupling):
     """
 
     mask: Tensor
+    _bandable = False  # the target is a flat selection of elements, not rows of an image
 
     def __init__(
         self,

@@ -149,7 +149,9 @@ class _LevelCoupling(Coupling):
             # quarter of the pixels.
             return parts[0]
         size = (target.shape[2], target.shape[3])
-        return torch.cat([_resize(part, size, self.resize) for part in parts], dim=1)
+        resized = [_resize(part, size, self.resize) for part in parts]
+        # cat copies even one tensor: a full-resolution copy for the finest level.
+        return resized[0] if len(resized) == 1 else torch.cat(resized, dim=1)
 
     def _fit_to_target(self, out: Tensor, target: Tensor) -> Tensor:
         return _resize(out, (target.shape[2], target.shape[3]), self.resize)

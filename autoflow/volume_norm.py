@@ -76,9 +76,9 @@ class VolumeNorm(nn.Module):
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, momentum={self.momentum}"
 
-    def _stat_shape(self, log_scale: Tensor) -> tuple[int, ...]:
-        _, c, h, w = log_scale.shape
-        return (1, 1, h, w) if self.mode == "channel" else (1, c, 1, 1)
+    def _stat_shape(self, log_scale: Tensor, height: int) -> tuple[int, ...]:
+        _, c, _, w = log_scale.shape
+        return (1, 1, height, w) if self.mode == "channel" else (1, c, 1, 1)
 
     def _check_running_shape(self, shape: tuple[int, ...], what: str) -> None:
         have = tuple(self.running_mean.shape)
@@ -90,13 +90,19 @@ class VolumeNorm(nn.Module):
                 f"{sizes}); use one VolumeNorm per input size"
             )
 
-    def forward(self, log_scale: Tensor, update: bool = True) -> Tensor:
+    def forward(self, log_scale: Tensor, update: bool = True,
+                rows: tuple[int, int, int] | None = None) -> Tensor:
         """Centre ``log_scale`` with the batch mean (training) or the running mean (eval).
 
         Args:
             log_scale: Log-scale of shape ``(B, C, H, W)``.
             update: In training mode, whether to update the running mean (couplings pass
                 ``False`` in their inverse). Ignored in eval mode.
+            rows: ``(start, stop, height)`` when ``log_scale`` holds only rows
+                ``start:stop`` of a log-scale ``height`` rows tall (a coupling evaluated in
+                row bands, :mod:`autoflow.banded`). Channel mode only: its mean is taken per
+                position, so a band is centred, and its running mean updated, exactly as
+                inside the whole map.
 
         Returns:
             The centred log-scale, same shape, dtype and device as ``log_scale``.
@@ -104,9 +110,20 @@ class VolumeNorm(nn.Module):
         Raises:
             ShapeError: If ``log_scale`` is not 4-D, or the running mean was built for another
                 ``H, W`` (CVN) or ``C`` (SVN) and is needed here.
+            AutoflowError: If ``rows`` is given in spatial mode, whose mean spans all rows.
         """
         check_image(log_scale, None, self, name="log_scale")
-        shape = self._stat_shape(log_scale)
+        height = log_scale.shape[2]
+        band = slice(None)
+        if rows is not None:
+            if self.mode != "channel":
+                raise AutoflowError(
+                    f"VolumeNorm(mode={self.mode!r}) averages over all rows, so it cannot "
+                    f"centre a band of rows {rows[:2]} alone; use mode='channel'"
+                )
+            start, stop, height = rows
+            band = slice(start, stop)
+        shape = self._stat_shape(log_scale, height)
         if self.running_mean.numel() == 0:
             # The empty placeholder follows module.to(), so the buffer keeps the module's dtype
             # and device like any other buffer.
@@ -117,12 +134,12 @@ class VolumeNorm(nn.Module):
             if update:
                 self._check_running_shape(shape, "update")
                 with torch.no_grad():
-                    self.running_mean.mul_(1.0 - self.momentum).add_(
+                    self.running_mean[:, :, band].mul_(1.0 - self.momentum).add_(
                         mean.detach().to(self.running_mean.dtype), alpha=self.momentum
                     )
             return log_scale - mean
         self._check_running_shape(shape, "in eval mode")
-        return log_scale - self.running_mean.to(log_scale.dtype)
+        return log_scale - self.running_mean[:, :, band].to(log_scale.dtype)
 
     def _load_from_state_dict(
         self,

@@ -104,8 +104,8 @@ def test_the_benchmark_glow_takes_the_fast_path_everywhere():
 class _ScaledCoupling(AffineCoupling):
     """A subclass reading a tensor from outside (a module-level table): not self-contained."""
 
-    def _params(self, kept, target, *, update, context=None):
-        s, t = super()._params(kept, target, update=update, context=context)
+    def _params_from(self, out, target, *, update, rows=None):
+        s, t = super()._params_from(out, target, update=update, rows=rows)
         return s, t * _OUTSIDE["scale"]
 
 

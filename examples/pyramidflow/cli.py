@@ -318,9 +318,9 @@ def _add_config_flags(parser: argparse.ArgumentParser,
             options["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, tuple):
             options |= {"nargs": 2, "type": float, "metavar": ("B1", "B2")}
-        elif isinstance(default, (int, float)):
-            options |= {"type": type(default), "metavar": "N" if isinstance(default, int)
-                        else "X"}
+        elif isinstance(default, (int, float)) or field.type == "int | None":
+            number = int if default is None else type(default)
+            options |= {"type": number, "metavar": "N" if number is int else "X"}
         else:
             options["metavar"] = "PATH" if field.name.endswith("weights") else "NAME"
         group.add_argument("--" + field.name.replace("_", "-"), **options)

@@ -113,6 +113,12 @@ class PyramidFlowConfig:
         test_time_flips: Average the anomaly maps of the 8 flips and 90° rotations of each
             image (meant for textures, whose appearance has no orientation).
         memory_saving: Train with the memory-saving engine.
+        band_rows: Evaluate every coupling whose conditioner runs at its target's resolution
+            in bands of at most this many rows (:attr:`autoflow.Coupling.band_rows`): the same
+            results up to float rounding, without holding a whole level's conditioner
+            activations, for one more evaluation of those conditioners in backward. For large
+            images (1024² in 2 GB: ``benchmarks/results/pyramidflow_speed.md``); needs
+            ``volume_norm`` ``"channel"`` or ``"none"``. ``None``: whole levels at once.
         epochs: Training epochs (fixed: no model selection on test data). 0 trains nothing
             and gives the untrained baseline: the template and thresholds of the initial
             model.
@@ -153,6 +159,7 @@ class PyramidFlowConfig:
     smoothing: float = 0.0
     test_time_flips: bool = False
     memory_saving: bool = True
+    band_rows: int | None = None
     epochs: int = 15
     batch_size: int = 2
     learning_rate: float = 2e-4
@@ -183,6 +190,14 @@ class PyramidFlowConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"config.{name} must be an int of at least {least}, "
                                  f"received {value!r}")
+        if self.band_rows is not None:
+            if (isinstance(self.band_rows, bool) or not isinstance(self.band_rows, int)
+                    or self.band_rows < 1):
+                raise ValueError(f"config.band_rows must be None or an int of at least 1, "
+                                 f"received {self.band_rows!r}")
+            if self.volume_norm == "spatial":
+                raise ValueError("config.band_rows needs volume_norm 'channel' or 'none': the "
+                                 "spatial mode averages over all rows, received 'spatial'")
         if self.levels < 2:
             raise ValueError(f"config.levels must be at least 2 for pyramid couplings, "
                              f"received {self.levels}")

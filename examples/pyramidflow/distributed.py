@@ -348,23 +348,28 @@ class SyncVolumeNorm(autoflow.VolumeNorm):
     times in the same order (they all run the same model on equal pieces of a batch).
     """
 
-    def forward(self, log_scale: Tensor, update: bool = True) -> Tensor:
-        if not self.training or current() is None or log_scale.dim() != 4:
-            return super().forward(log_scale, update)
+    def forward(self, log_scale: Tensor, update: bool = True,
+                rows: tuple[int, int, int] | None = None) -> Tensor:
+        if (not self.training or current() is None or log_scale.dim() != 4
+                or (rows is not None and self.mode != "channel")):
+            return super().forward(log_scale, update, rows)  # or its error, by name
         _, c, h, w = log_scale.shape
+        band = slice(None)
+        if rows is not None:  # a band of rows of a coupling evaluated in bands
+            band, h = slice(rows[0], rows[1]), rows[2]
         shape = (1, 1, h, w) if self.mode == "channel" else (1, c, 1, 1)
         if self.running_mean.numel() == 0:
             self.running_mean = self.running_mean.new_zeros(shape)
         if tuple(self.running_mean.shape) != shape:
-            return super().forward(log_scale, update)  # its shape error, by name
+            return super().forward(log_scale, update, rows)  # its shape error, by name
         local = log_scale.sum(dim=_MEAN_DIMS[self.mode], keepdim=True)
         count = log_scale.numel() // local.numel()
         packed = torch.cat([local.flatten(), local.new_tensor([count])])
         total = _AllReduceSum.apply(packed)
-        mean = (total[:-1] / total[-1]).view(shape)
+        mean = (total[:-1] / total[-1]).view(local.shape)
         if update:
             with torch.no_grad():
-                self.running_mean.mul_(1.0 - self.momentum).add_(
+                self.running_mean[:, :, band].mul_(1.0 - self.momentum).add_(
                     mean.detach().to(self.running_mean.dtype), alpha=self.momentum)
         return log_scale - mean
 

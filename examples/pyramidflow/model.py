@@ -207,6 +207,9 @@ class PyramidFlow(nn.Module):
                 clamp_kind=config.clamp_kind),
             memory_saving=config.memory_saving,
         )
+        for block in self.flow:
+            if isinstance(block, autoflow.Coupling):
+                block.band_rows = config.band_rows
         # The ResNet-18 stem standardises its input itself.
         mean, std = _IMAGE_STATISTICS["none" if config.front == "resnet18" else config.normalize]
         self.register_buffer("image_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)

@@ -82,6 +82,14 @@ def _worker(rank: int, ports: tuple[int, int], run: str, report: str) -> None:
     Path(report, f"rank{rank}.json").write_text(json.dumps({"codes": codes, "writes": writes}))
 
 
+def _banded_worker(rank: int, port: int, run: str) -> None:
+    """One process of a 1-epoch run whose couplings are evaluated in row bands."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if cli.main(["train", *FLAGS, "--out", run, "--epochs", "1", "--band-rows", "5"]) != 0:
+        raise RuntimeError(f"rank {rank}: the banded run failed")
+
+
 def _files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
@@ -200,3 +208,18 @@ def test_clear_errors_before_any_process_group(monkeypatch, capsys):
         setup("cuda:0")
     assert cli.main(["predict", "run", "images"]) == 1
     assert "only the train command runs as several processes" in capsys.readouterr().err
+
+
+def test_two_processes_in_row_bands_train_what_one_process_trains(runs, tmp_path):
+    """Bands of 5 rows of 16: the couplings' volume norms exchange their means per band."""
+    _, one, _ = runs
+    saved = {name: os.environ.pop(name) for name in ENVIRONMENT if name in os.environ}
+    try:
+        mp.start_processes(_banded_worker, args=(_free_port(), str(tmp_path / "banded")),
+                           nprocs=2, start_method="spawn")
+    finally:
+        os.environ.update(saved)
+    ours = load_checkpoint(tmp_path / "banded/checkpoints/epoch-001.pt")
+    theirs = load_checkpoint(one / "checkpoints/epoch-001.pt")
+    assert ours["config"].band_rows == 5
+    _assert_close(ours["model"], theirs["model"], "epoch 1, in bands: weight")

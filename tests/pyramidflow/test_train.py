@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from examples.pyramidflow import PyramidFlow, train
+import autoflow
+from examples.pyramidflow import PyramidFlow, PyramidFlowConfig, train
+from examples.pyramidflow.cli import build_parser
 from examples.pyramidflow.inference import anomaly_maps
 from examples.pyramidflow.train import augment, load_checkpoint, split_holdout
 
@@ -160,3 +162,25 @@ def test_a_checkpoint_from_before_input_weight_and_bank_images_loads_their_forme
     state["config"] = json.dumps(values)
     torch.save(state, tmp_path / "old.pt")
     assert load_checkpoint(tmp_path / "old.pt")["config"] == config
+
+
+def test_training_in_row_bands_trains_the_same_model(tiny_config, normal_images):
+    whole = train(tiny_config(epochs=1), normal_images, progress=False).model
+    banded_config = tiny_config(epochs=1, band_rows=5)
+    banded = train(banded_config, normal_images, progress=False).model
+    couplings = [m for m in banded.flow if isinstance(m, autoflow.Coupling)]
+    assert couplings and all(m.band_rows == 5 for m in couplings)
+    for (name, a), b in zip(whole.state_dict().items(), banded.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    assert not torch.equal(whole.state_dict()["flow.2.conditioner.2.weight"],
+                           PyramidFlow(banded_config).state_dict()["flow.2.conditioner.2.weight"])
+
+
+def test_band_rows_is_checked_and_parsed():
+    for wrong in (0, -1, 2.0, True, "8"):
+        with pytest.raises(ValueError, match="config.band_rows must be None or an int"):
+            PyramidFlowConfig(band_rows=wrong)
+    with pytest.raises(ValueError, match="band_rows needs volume_norm 'channel' or 'none'"):
+        PyramidFlowConfig(band_rows=8, volume_norm="spatial")
+    parsed = build_parser().parse_args(["demo", "--band-rows", "64"])
+    assert getattr(parsed, "config.band_rows") == 64
