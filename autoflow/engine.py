@@ -342,6 +342,8 @@ class _Plan:
         # The chain cut into runs ``(first, last)``: module ``first`` rebuilt by its engine
         # hook, the others folded into its local graph (see _Plan.runs_of).
         self.runs: list[tuple[int, int]] = []
+        # The first module that uses a tensor requiring grad (None: none does).
+        self.first_wanting_grad: int | None = None
         self.pending: tuple | None = None
         self.device_type = flatten_state(x)[0].device.type
         self.autocast = _autocast_state(self.device_type)
@@ -350,9 +352,8 @@ class _Plan:
         """Whether the backward pass must go on to the input of module ``i``: some module up
         to ``i`` uses a tensor requiring grad, or the chain's input requires grad (always in
         debug mode, which measures every module's reconstruction)."""
-        wanted = [j for j, found in enumerate(self.block_externals) if found]
         return self.options.debug or any(self.input_requires_grad) or (
-            bool(wanted) and wanted[0] <= i)
+            self.first_wanting_grad is not None and self.first_wanting_grad <= i)
 
     def keeps_input(self, i: int) -> bool:
         anchor = self.options.anchor_every
@@ -419,6 +420,8 @@ class _Plan:
                     _check_finite(name, block, state, logdet)
                 logdets.append(logdet)
         total = sum_logdets(logdets)
+        self.first_wanting_grad = next(
+            (i for i, found in enumerate(self.block_externals) if found), None)
         self.runs = self.runs_of()
         self.output_like = structure_of(state)
         self.has_logdet = total is not None
