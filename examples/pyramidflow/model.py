@@ -137,7 +137,8 @@ def _nearest_distance(z: Tensor, bank: Tensor, spread: Tensor, chunk: int = 8192
     return (found / math.sqrt(c)).view(b, h, w)[:, None]
 
 
-def _local_nearest_distance(z: Tensor, gallery: Tensor, spread: Tensor, radius: int) -> Tensor:
+def _local_nearest_distance(z: Tensor, gallery: Tensor, spread: Tensor, radius: int,
+                            tile_bytes: int = 2**22) -> Tensor:
     """``(B, 1, H, W)``: distance of every latent vector to the closest one nearby in training.
 
     ``d(p) = min_{n, |δ|_∞ <= r} ‖(z(p) - g_n(p + δ)) / σ‖ / sqrt(C)`` over the ``N`` gallery
@@ -145,25 +146,32 @@ def _local_nearest_distance(z: Tensor, gallery: Tensor, spread: Tensor, radius: 
     gallery's border is repeated beyond the edge); ``σ`` is ``spread`` ``(1, C, 1, 1)``.
     Registered objects vary a little in position between images, so each position is
     compared with its neighbourhood in every training image rather than with one mean.
+    The search runs over bands of rows whose ``(B, N, rows, W)`` working array takes about
+    ``tile_bytes``, so that the passes over it stay in the processor's cache.
     """
     b, c, h, w = z.shape
     queries = z / spread
     keys = nn.functional.pad(gallery / spread, (radius,) * 4, mode="replicate")
     key_norms = keys.square().sum(1)  # (N, H + 2r, W + 2r)
     best = torch.full((b, h, w), math.inf, dtype=z.dtype, device=z.device)
-    partial = z.new_empty((b, gallery.shape[0], h, w))
-    for dy in range(2 * radius + 1):
-        for dx in range(2 * radius + 1):
-            shifted = keys[..., dy:dy + h, dx:dx + w]  # (N, C, H, W)
-            # ‖q - k‖² = ‖q‖² + (‖k‖² - 2 q·k): the bracket, whose minimum over the bank is
-            # the nearest key's, accumulated one channel at a time in place: no (B, N, C, H, W)
-            # intermediate, 10× faster than an einsum (H·W tiny matrix products), and each
-            # pass over the (B, N, H, W) array is one the memory-bound search does not repeat.
-            partial.copy_(key_norms[None, :, dy:dy + h, dx:dx + w].expand_as(partial))
-            for channel in range(c):
-                partial.addcmul_(queries[:, channel, None], shifted[None, :, channel],
-                                 value=-2.0)
-            best = torch.minimum(best, partial.amin(1))
+    rows = max(1, tile_bytes // (b * gallery.shape[0] * w * z.element_size()))
+    work = z.new_empty((b, gallery.shape[0], min(rows, h), w))
+    for top in range(0, h, rows):
+        bottom = min(top + rows, h)
+        partial, near = work[:, :, :bottom - top], best[:, top:bottom]  # views, written
+        for dy in range(2 * radius + 1):
+            for dx in range(2 * radius + 1):
+                shifted = keys[..., top + dy:bottom + dy, dx:dx + w]  # (N, C, rows, W)
+                # ‖q - k‖² = ‖q‖² + (‖k‖² - 2 q·k): the bracket, whose minimum over the bank
+                # is the nearest key's, accumulated one channel at a time in place: no
+                # (B, N, C, H, W) intermediate, 10× faster than an einsum (H·W tiny matrix
+                # products), and no pass over the working array the search can do without.
+                partial.copy_(key_norms[None, :, top + dy:bottom + dy, dx:dx + w]
+                              .expand_as(partial))
+                for channel in range(c):
+                    partial.addcmul_(queries[:, channel, None, top:bottom],
+                                     shifted[None, :, channel], value=-2.0)
+                near.copy_(torch.minimum(near, partial.amin(1)))
     squared = best + queries.square().sum(1)
     return (squared.clamp_min(0) / c).sqrt()[:, None]
 

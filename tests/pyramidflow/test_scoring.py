@@ -189,3 +189,14 @@ def test_a_template_fitted_for_another_input_weight_is_a_clear_error():
 def test_bad_input_weights_are_rejected(settings, message):
     with pytest.raises(ValueError, match=message):
         PyramidFlowConfig(**SMALL, **settings)
+
+
+def test_local_nearest_search_in_bands_of_rows_finds_what_the_whole_search_finds():
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 3, 9, 7, generator=generator)
+    gallery = torch.randn(5, 3, 9, 7, generator=generator)
+    spread = torch.rand(1, 3, 1, 1, generator=generator) + 0.5
+    whole = _local_nearest_distance(z, gallery, spread, 1, tile_bytes=2**30)
+    for tile_bytes in (1, 2 * 5 * 7 * 4 * 4):  # one row, then four rows at a time
+        banded = _local_nearest_distance(z, gallery, spread, 1, tile_bytes=tile_bytes)
+        torch.testing.assert_close(banded, whole, rtol=1e-6, atol=1e-6)
