@@ -147,14 +147,20 @@ def _local_nearest_distance(z: Tensor, gallery: Tensor, spread: Tensor, radius: 
     Registered objects vary a little in position between images, so each position is
     compared with its neighbourhood in every training image rather than with one mean.
     The search runs over bands of rows whose ``(B, N, rows, W)`` working array takes about
-    ``tile_bytes``, so that the passes over it stay in the processor's cache.
+    ``tile_bytes``, so that the passes over it stay in the processor's cache (in one band when
+    traced or compiled for export).
     """
     b, c, h, w = z.shape
     queries = z / spread
     keys = nn.functional.pad(gallery / spread, (radius,) * 4, mode="replicate")
     key_norms = keys.square().sum(1)  # (N, H + 2r, W + 2r)
     best = torch.full((b, h, w), math.inf, dtype=z.dtype, device=z.device)
-    rows = max(1, tile_bytes // (b * gallery.shape[0] * w * z.element_size()))
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        # One band in an exported graph: it would hold every band's operations, and the band
+        # height would depend on the batch size, which an export keeps symbolic.
+        rows = h
+    else:
+        rows = max(1, tile_bytes // (b * gallery.shape[0] * w * z.element_size()))
     work = z.new_empty((b, gallery.shape[0], min(rows, h), w))
     for top in range(0, h, rows):
         bottom = min(top + rows, h)
