@@ -51,11 +51,10 @@ def row_bands(height: int, rows: int) -> list[tuple[int, int]]:
 
 
 def _band(coupling: Coupling, features: Tensor, target: Tensor, start: int, stop: int,
-          height: int, *, inverse: bool, update: bool) -> tuple[Tensor, Tensor]:
+          height: int, halo: slice, *, inverse: bool, update: bool) -> tuple[Tensor, Tensor]:
     """Output rows ``start:stop`` and their log-det; ``features`` holds conditioner-input rows
-    ``max(start - r, 0):`` and ``target`` the target's rows ``start:stop``."""
-    low = max(start - coupling.conditioner.receptive_radius, 0)
-    out = coupling.conditioner(features)[:, :, start - low : stop - low]
+    ``halo`` (:func:`_halo`) and ``target`` the target's rows ``start:stop``."""
+    out = coupling.conditioner(features)[:, :, start - halo.start : stop - halo.start]
     params = coupling._params_from(coupling._fit_to_target(out, target), target,
                                    update=update, rows=(start, stop, height))
     step = coupling._inverse_target if inverse else coupling._forward_target
@@ -81,11 +80,11 @@ def map_in_bands(coupling: Coupling, features: Tensor, target: Tensor, *, invers
     Returns:
         ``(out, logdet)``: ``out`` shaped like ``target``, ``logdet`` of shape ``(B,)``.
     """
-    parameters = [p for p in coupling.parameters() if p.requires_grad]
-    if torch.is_grad_enabled() and (features.requires_grad or target.requires_grad
-                                    or parameters):
-        return _BandedMap.apply(coupling, inverse, update, known, features, target,
-                                *parameters)
+    if torch.is_grad_enabled():
+        parameters = [p for p in coupling.parameters() if p.requires_grad]
+        if features.requires_grad or target.requires_grad or parameters:
+            return _BandedMap.apply(coupling, inverse, update, known, features, target,
+                                    *parameters)
     if known is not None:
         return known
     with torch.no_grad():
@@ -97,9 +96,9 @@ def _map(coupling: Coupling, features: Tensor, target: Tensor, *, inverse: bool,
     height = target.shape[2]
     out, logdet = torch.empty_like(target), None
     for start, stop in row_bands(height, coupling.band_rows):
-        part, part_logdet = _band(coupling, features[:, :, _halo(coupling, start, stop, height)],
-                                  target[:, :, start:stop], start, stop, height,
-                                  inverse=inverse, update=update)
+        halo = _halo(coupling, start, stop, height)
+        part, part_logdet = _band(coupling, features[:, :, halo], target[:, :, start:stop],
+                                  start, stop, height, halo, inverse=inverse, update=update)
         out[:, :, start:stop] = part
         logdet = part_logdet if logdet is None else logdet + part_logdet
     return out, logdet
@@ -153,7 +152,7 @@ class _BandedMap(torch.autograd.Function):
                 band_features = features[:, :, halo].detach().requires_grad_(want_features)
                 band_target = target[:, :, start:stop].detach().requires_grad_(want_target)
                 out, logdet = _band(coupling, band_features, band_target, start, stop, height,
-                                    inverse=ctx.inverse, update=False)
+                                    halo, inverse=ctx.inverse, update=False)
                 outputs = [(out, grad_out[:, :, start:stop]), (logdet, grad_logdet)]
                 outputs = [(o, g) for o, g in outputs if o.requires_grad]
                 inputs = [t for t, wanted in ((band_features, want_features),
