@@ -24,10 +24,15 @@ The inverse solves :math:`a \\xi^2 + b \\xi + c = 0` in the bin containing ``y``
     a = h_k (s_k - d^k) + (y - y^k)\\, \\delta, \\quad
     b = h_k d^k - (y - y^k)\\, \\delta, \\quad
     c = -s_k (y - y^k), \\qquad
-    \\xi = \\frac{2c}{-b - \\sqrt{b^2 - 4ac}},
+    \\xi = \\begin{cases}
+        \\dfrac{2c}{-b - \\sqrt{b^2 - 4ac}} & b \\ge 0, \\\\
+        \\dfrac{-b + \\sqrt{b^2 - 4ac}}{2a} & b < 0,
+    \\end{cases}
 
-a form of the root that does not cancel when ``a`` is small; its log-derivative is minus the
-forward one at that point.
+the same root written so that neither form subtracts nearly equal numbers: the first does
+not cancel when ``a`` is small, the second not when ``b`` is negative (a steep knot beside a
+flat bin; ``a > h_k s_k > 0`` there). Its log-derivative is minus the forward one at that
+point.
 
 Each element's ``3K - 1`` parameters are unconstrained: ``K`` bin widths and ``K`` bin heights
 (a softmax, each at least ``min_bin_width`` / ``min_bin_height`` of ``2B``) and ``K - 1``
@@ -144,8 +149,13 @@ def rational_quadratic_spline(
         a = h * (slope - d_k) + dy * delta
         b = h * d_k - dy * delta
         c = -slope * dy
-        discriminant = (b.square() - 4 * a * c).clamp_min(0)
-        xi = 2 * c / (-b - discriminant.sqrt())
+        root = (b.square() - 4 * a * c).clamp_min(0).sqrt()
+        # Each branch's denominator is replaced where the other is kept, so that the
+        # discarded one passes no inf or NaN gradient through torch.where.
+        stable_for_b = b >= 0
+        xi = torch.where(stable_for_b,
+                         2 * c / torch.where(stable_for_b, -b - root, -1.0),
+                         (root - b) / torch.where(stable_for_b, 1.0, 2 * a))
         out = x_k + xi * w
     else:
         xi = (clamped - x_k) / w

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -37,6 +37,9 @@ def random_params(shape: tuple[int, ...], bins: int, scale: float, seed: int) ->
 @settings(max_examples=15, deadline=None)
 @given(bins=st.integers(1, 9), bound=st.sampled_from([0.5, 3.0]),
        scale=st.sampled_from([0.0, 1.0, 5.0]), seed=st.integers(0, 2**31 - 1))
+# A steep knot beside a flat bin (b < 0 in the inverse's quadratic): the root written as
+# 2c / (-b - sqrt(D)) cancelled there, an error of 250 rounding units in y.
+@example(bins=7, bound=3.0, scale=5.0, seed=42210)
 def test_spline_round_trip_and_inverse_logdet(bins, bound, scale, seed):
     # Points inside and outside [-B, B], parameters from tame to extreme.
     x = afs.tensor_of((64,), F64, seed + 1, 1.5 * bound)
@@ -44,8 +47,9 @@ def test_spline_round_trip_and_inverse_logdet(bins, bound, scale, seed):
     y, log_derivative = rational_quadratic_spline(x, params, bound=bound)
     x_back, log_derivative_inv = rational_quadratic_spline(y, params, bound=bound, inverse=True)
     # Backward stable: the error in x, times dy/dx, is a rounding error of y (extreme
-    # parameters give slopes of 1e-4 and below, which amplify rounding in x-space).
-    assert ((x_back - x).abs() * log_derivative.exp()).max() < 1e-13
+    # parameters give slopes of 1e-4 and below, which amplify rounding in x-space). Worst
+    # over 3000 draws: 5.4e-15, a dozen rounding units of y.
+    assert ((x_back - x).abs() * log_derivative.exp()).max() < 2e-14
     # The inverse's log-derivative at y is minus the forward one at the point it returns.
     # Compared at x instead, the gap is d(log f')/dx times the error in x: 1e-8 for extreme
     # parameters, ill-conditioning rather than a wrong formula (worst over 3000 draws here:
