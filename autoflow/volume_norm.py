@@ -111,18 +111,11 @@ class VolumeNorm(nn.Module):
             ShapeError: If ``log_scale`` is not 4-D, or the running mean was built for another
                 ``H, W`` (CVN) or ``C`` (SVN) and is needed here.
             AutoflowError: If ``rows`` is given in spatial mode, whose mean spans all rows.
+            ValueError: If ``rows`` is not three ints with ``0 <= start < stop <= height``
+                and ``stop - start`` equal to ``log_scale``'s height.
         """
         check_image(log_scale, None, self, name="log_scale")
-        height = log_scale.shape[2]
-        band = slice(None)
-        if rows is not None:
-            if self.mode != "channel":
-                raise AutoflowError(
-                    f"VolumeNorm(mode={self.mode!r}) averages over all rows, so it cannot "
-                    f"centre a band of rows {rows[:2]} alone; use mode='channel'"
-                )
-            start, stop, height = rows
-            band = slice(start, stop)
+        band, height = self.band_of(log_scale, rows)
         shape = self._stat_shape(log_scale, height)
         if self.running_mean.numel() == 0:
             # The empty placeholder follows module.to(), so the buffer keeps the module's dtype
@@ -140,6 +133,40 @@ class VolumeNorm(nn.Module):
             return log_scale - mean
         self._check_running_shape(shape, "in eval mode")
         return log_scale - self.running_mean[:, :, band].to(log_scale.dtype)
+
+    def band_of(self, log_scale: Tensor,
+                rows: tuple[int, int, int] | None) -> tuple[slice, int]:
+        """The rows of the running mean that ``log_scale`` covers, and the whole height.
+
+        Args:
+            log_scale: Log-scale of shape ``(B, C, H_band, W)``.
+            rows: ``(start, stop, height)`` as in :meth:`forward`, or ``None`` (all rows).
+
+        Returns:
+            ``(slice(start, stop), height)``, or ``(slice(None), H_band)`` for ``None``.
+
+        Raises:
+            AutoflowError: If ``rows`` is given in spatial mode, whose mean spans all rows.
+            ValueError: If ``rows`` is not three ints with ``0 <= start < stop <= height``
+                and ``stop - start == H_band``.
+        """
+        band_height = log_scale.shape[2]
+        if rows is None:
+            return slice(None), band_height
+        if self.mode != "channel":
+            raise AutoflowError(
+                f"VolumeNorm(mode={self.mode!r}) averages over all rows, so it cannot "
+                f"centre a band of rows, received rows={rows!r}; use mode='channel'"
+            )
+        valid = (isinstance(rows, tuple) and len(rows) == 3
+                 and all(isinstance(n, int) and not isinstance(n, bool) for n in rows))
+        if not valid or not 0 <= rows[0] < rows[1] <= rows[2] or rows[1] - rows[0] != band_height:
+            raise ValueError(
+                f"VolumeNorm expected rows=(start, stop, height) as ints with "
+                f"0 <= start < stop <= height and stop - start = {band_height} (the "
+                f"log-scale's height), received {rows!r}"
+            )
+        return slice(rows[0], rows[1]), rows[2]
 
     def _load_from_state_dict(
         self,

@@ -147,6 +147,16 @@ def test_spatial_volume_norm_refuses_a_band():
         norm(torch.randn(1, 2, 3, 4), rows=(0, 3, 8))
 
 
+def test_volume_norm_checks_the_band_it_is_given():
+    norm = autoflow.VolumeNorm("channel")
+    band = torch.randn(1, 2, 3, 4)
+    for bad in ((0, 4, 8), (6, 9, 8), (-1, 2, 8), (3, 3, 8), (0, 3), (0.0, 3, 8), [0, 3, 8]):
+        with pytest.raises(ValueError, match=r"0 <= start < stop <= height and stop - start"):
+            norm(band, rows=bad)
+    assert norm(band, rows=(5, 8, 8)).shape == band.shape
+    assert norm.running_mean.shape == (1, 1, 8, 4)
+
+
 def test_the_engine_skips_frozen_first_modules_when_the_input_needs_no_gradient():
     torch.manual_seed(0)
     frozen = autoflow.ActNorm(4)

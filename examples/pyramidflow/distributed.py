@@ -350,13 +350,10 @@ class SyncVolumeNorm(autoflow.VolumeNorm):
 
     def forward(self, log_scale: Tensor, update: bool = True,
                 rows: tuple[int, int, int] | None = None) -> Tensor:
-        if (not self.training or current() is None or log_scale.dim() != 4
-                or (rows is not None and self.mode != "channel")):
+        if not self.training or current() is None or log_scale.dim() != 4:
             return super().forward(log_scale, update, rows)  # or its error, by name
-        _, c, h, w = log_scale.shape
-        band = slice(None)
-        if rows is not None:  # a band of rows of a coupling evaluated in bands
-            band, h = slice(rows[0], rows[1]), rows[2]
+        _, c, _, w = log_scale.shape
+        band, h = self.band_of(log_scale, rows)  # a band of rows: a coupling in bands
         shape = (1, 1, h, w) if self.mode == "channel" else (1, c, 1, 1)
         if self.running_mean.numel() == 0:
             self.running_mean = self.running_mean.new_zeros(shape)
