@@ -19,7 +19,9 @@ another order). Memory: the conditioner's activations of one band of ``rows + 2 
 For gradients, :class:`_BandedMap` keeps only ``c`` and ``x`` and rebuilds each band with a
 graph in backward (gradient checkpointing by bands): one more conditioner evaluation, and the
 gradient of ``c`` sums the bands' contributions, which overlap in the ``r`` rows around each
-cut. Shapes: ``c`` is ``(B, C_c, H, W)``, ``x`` and ``y`` are ``(B, C, H, W)``, the log-det
+cut. A conditioner that draws random numbers (dropout) draws them again in that rebuild, from
+the generator state the bands first started from, so every band sees its forward masks.
+Shapes: ``c`` is ``(B, C_c, H, W)``, ``x`` and ``y`` are ``(B, C, H, W)``, the log-det
 ``(B,)``.
 """
 
@@ -32,6 +34,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from .base import RANDOMNESS, RngSnapshot, replaying_rng, rng_snapshot
 
 if TYPE_CHECKING:  # pragma: no cover
     from .coupling import Coupling
@@ -67,15 +71,16 @@ def _halo(coupling: Coupling, start: int, stop: int, height: int) -> slice:
 
 
 def map_in_bands(coupling: Coupling, features: Tensor, target: Tensor, *, inverse: bool,
-                 update: bool, known: tuple[Tensor, Tensor] | None = None
-                 ) -> tuple[Tensor, Tensor]:
+                 update: bool, known: tuple[Tensor, Tensor] | None = None,
+                 rng: RngSnapshot | None = None) -> tuple[Tensor, Tensor]:
     """The coupling's map (``inverse=False``) or inverse of ``target`` given the conditioner's
     input ``features``, evaluated in bands of ``coupling.band_rows`` rows.
 
     With gradients enabled and a tensor requiring grad involved, the result carries a graph
     that rebuilds each band in backward. ``known = (out, logdet)``, the result already computed
     without a graph, is returned with that graph instead of being computed again (the
-    memory-saving engine's reconstruction has it).
+    memory-saving engine's reconstruction has it); ``rng`` is then the generator state its
+    bands started from (:func:`~autoflow.base.rng_snapshot`, ``None`` when nothing random ran).
 
     Returns:
         ``(out, logdet)``: ``out`` shaped like ``target``, ``logdet`` of shape ``(B,)``.
@@ -83,7 +88,9 @@ def map_in_bands(coupling: Coupling, features: Tensor, target: Tensor, *, invers
     if torch.is_grad_enabled():
         parameters = [p for p in coupling.parameters() if p.requires_grad]
         if features.requires_grad or target.requires_grad or parameters:
-            return _BandedMap.apply(coupling, inverse, update, known, features, target,
+            if known is None and RANDOMNESS.fork:  # not known to draw nothing
+                rng = rng_snapshot(features.device)
+            return _BandedMap.apply(coupling, inverse, update, known, rng, features, target,
                                     *parameters)
     if known is not None:
         return known
@@ -126,9 +133,11 @@ class _BandedMap(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, coupling: Coupling, inverse: bool, update: bool,  # type: ignore[override]
-                known: tuple[Tensor, Tensor] | None, features: Tensor, target: Tensor,
-                *parameters: Tensor) -> tuple[Tensor, Tensor]:
+                known: tuple[Tensor, Tensor] | None, rng: RngSnapshot | None,
+                features: Tensor, target: Tensor, *parameters: Tensor
+                ) -> tuple[Tensor, Tensor]:
         ctx.coupling, ctx.inverse, ctx.training = coupling, inverse, coupling.training
+        ctx.rng = rng
         ctx.parameters = parameters
         ctx.save_for_backward(features, target)
         if known is not None:
@@ -141,12 +150,13 @@ class _BandedMap(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor, grad_logdet: Tensor):  # type: ignore[override]
         features, target = ctx.saved_tensors
         coupling, parameters = ctx.coupling, ctx.parameters
-        want_features, want_target = ctx.needs_input_grad[4:6]
+        want_features, want_target = ctx.needs_input_grad[5:7]
         grad_features = torch.zeros_like(features) if want_features else None
         grad_target = torch.empty_like(target) if want_target else None
         grad_parameters: list[Tensor | None] = [None] * len(parameters)
         height = target.shape[2]
-        with torch.enable_grad(), _training_as(coupling, ctx.training):
+        with (torch.enable_grad(), _training_as(coupling, ctx.training),
+              replaying_rng(ctx.rng)):
             for start, stop in row_bands(height, coupling.band_rows):
                 halo = _halo(coupling, start, stop, height)
                 band_features = features[:, :, halo].detach().requires_grad_(want_features)
@@ -172,4 +182,4 @@ class _BandedMap(torch.autograd.Function):
                     if g is not None:
                         grad_parameters[k] = g if grad_parameters[k] is None else (
                             grad_parameters[k] + g)
-        return (None, None, None, None, grad_features, grad_target, *grad_parameters)
+        return (None, None, None, None, None, grad_features, grad_target, *grad_parameters)

@@ -6,7 +6,7 @@ import contextlib
 import inspect
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -263,6 +263,36 @@ def same_randomness(state: State) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
     device = flatten_state(state)[0].device
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+#: The default generators' states: the CPU's, and the GPU's of one device (``None`` off the GPU).
+RngSnapshot = tuple[Tensor, Tensor | None, torch.device]
+
+
+def rng_snapshot(device: torch.device) -> RngSnapshot:
+    """The default generators' states: the CPU's, and ``device``'s when it is a GPU."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda, device
+
+
+def restore_rng(saved: RngSnapshot) -> None:
+    """Set the default generators back to a :func:`rng_snapshot`."""
+    torch.set_rng_state(saved[0])
+    if saved[1] is not None:
+        torch.cuda.set_rng_state(saved[1], saved[2])
+
+
+@contextlib.contextmanager
+def replaying_rng(saved: RngSnapshot | None) -> Iterator[None]:
+    """Draw the random numbers drawn after ``saved`` was taken again, and leave the caller's
+    generators as they were on exit (nothing to do for ``None``)."""
+    if saved is None:
+        yield
+        return
+    devices = [saved[2]] if saved[1] is not None else []
+    with torch.random.fork_rng(devices=devices):
+        restore_rng(saved)
+        yield
 
 
 def recompute(function: Callable[[State], tuple[State, Tensor | None]], x: State) -> Reconstruction:

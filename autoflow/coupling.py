@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from .banded import map_in_bands
 from .base import (
+    RANDOMNESS,
     InvertibleModule,
     Reconstruction,
     Shape,
@@ -46,6 +47,7 @@ from .base import (
     check_floating,
     check_int,
     exact,
+    rng_snapshot,
     self_contained,
 )
 from .elementwise import (
@@ -584,12 +586,14 @@ class Coupling(InvertibleModule):
 
         features = self._features(kept, given, context)
         if self._in_bands(features, given):
+            # The backward pass draws the random numbers of the sweep below again.
+            rng = rng_snapshot(features.device) if RANDOMNESS.fork else None
             with torch.no_grad():
                 other, back_logdet = map_in_bands(self, features, given,
                                                   inverse=given_is_output, update=False)
             leaf = other.detach().requires_grad_()
             output, logdet = map_in_bands(self, features, leaf, inverse=not given_is_output,
-                                          update=False, known=(given, -back_logdet))
+                                          update=False, known=(given, -back_logdet), rng=rng)
             return Reconstruction([*kept, leaf], self._merge(kept, output), logdet,
                                   input_from_leaves)
         params = self._params(features, given, update=False)

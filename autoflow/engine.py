@@ -67,6 +67,7 @@ from .base import (
     SELF_CONTAINED,
     InvertibleModule,
     Reconstruction,
+    RngSnapshot,
     State,
     accepts_context,
     call_with_context,
@@ -74,6 +75,8 @@ from .base import (
     flatten_state,
     pack_like,
     recompute,
+    restore_rng,
+    rng_snapshot,
     state_shape,
     structure_of,
     sum_logdets,
@@ -618,7 +621,7 @@ class _MemorySavingChain(torch.autograd.Function):
                 )
         finally:
             if outer_rng is not None:
-                _set_rng_state(outer_rng)
+                restore_rng(outer_rng)
         input_grads = [g if wanted else None
                        for g, wanted in zip(grad_state, plan.input_requires_grad)]
         return (None, *input_grads, *external_grads)
@@ -810,27 +813,18 @@ def _local_backward(leaves: list[Tensor], output: State, logdets: list[Tensor | 
     return leaf_grads, found
 
 
-def _rng_state(state: State) -> tuple[Tensor, Tensor | None, torch.device]:
+def _rng_state(state: State) -> RngSnapshot:
     """The default generators' states: the CPU's, and the GPU's where ``state`` lives."""
-    device = flatten_state(state)[0].device
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda, device
+    return rng_snapshot(flatten_state(state)[0].device)
 
 
-def _same_rng(a: tuple[Tensor, Tensor | None, torch.device],
-              b: tuple[Tensor, Tensor | None, torch.device]) -> bool:
+def _same_rng(a: RngSnapshot, b: RngSnapshot) -> bool:
     """Whether no random number was drawn between two :func:`_rng_state` snapshots.
 
     Any draw moves a generator's state (the Mersenne twister's position, the Philox offset).
     """
     return torch.equal(a[0], b[0]) and (a[1] is None) == (b[1] is None) and (
         a[1] is None or torch.equal(a[1], b[1]))
-
-
-def _set_rng_state(saved: tuple[Tensor, Tensor | None, torch.device]) -> None:
-    torch.set_rng_state(saved[0])
-    if saved[1] is not None:
-        torch.cuda.set_rng_state(saved[1], saved[2])
 
 
 def _rebuild(plan: _Plan, i: int, state: State, kept: State | None,
@@ -847,7 +841,7 @@ def _rebuild(plan: _Plan, i: int, state: State, kept: State | None,
     saved = plan.rng_states[i]
     fork = RANDOMNESS.fork
     if saved is not None:
-        _set_rng_state(saved)
+        restore_rng(saved)
     elif plan.options.preserve_rng_state:
         RANDOMNESS.fork = False
     try:

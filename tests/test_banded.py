@@ -192,3 +192,36 @@ def test_a_conditional_channel_coupling_in_bands_matches_and_trains_its_context(
     torch.testing.assert_close(grad_banded, grad_whole, rtol=1e-10, atol=1e-10)
     assert max(heights) == BAND_ROWS + 2 * 2  # it did run in bands
     assert_engine_gradients_match(banded, x, context=context.detach())
+
+
+class _DropoutConditioner(nn.Sequential):
+    receptive_radius = 2  # two 3×3 convolutions
+
+
+def _dropout_coupling(band_rows: int | None) -> autoflow.AffineCoupling:
+    torch.manual_seed(3)
+    conditioner = _DropoutConditioner(nn.Conv2d(2, 8, 3, padding=1), nn.Dropout(0.3),
+                                      nn.Conv2d(8, 4, 3, padding=1))
+    block = autoflow.AffineCoupling(4, conditioner=conditioner, volume_norm="channel").double()
+    block.band_rows = band_rows
+    return block
+
+
+def test_bands_rebuilt_in_backward_see_the_dropout_masks_of_their_forward_pass():
+    # Each call reseeds, so the map is deterministic and finite differences apply; the
+    # backward pass rebuilds every band and must draw the forward pass's masks again.
+    block = _dropout_coupling(band_rows=2)
+    x = torch.randn(2, 4, 7, 5, dtype=torch.float64, requires_grad=True)
+
+    def seeded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        return block(x)
+
+    assert torch.autograd.gradcheck(seeded, (x,))
+
+
+def test_the_engine_replays_dropout_in_bands():
+    flow = autoflow.Sequential(autoflow.ActNorm(4), _dropout_coupling(band_rows=2),
+                               autoflow.InvConv1x1(4)).double()
+    x = torch.randn(2, 4, 7, 5, dtype=torch.float64)
+    assert_engine_gradients_match(flow, x)

@@ -208,9 +208,9 @@ def test_only_the_modules_that_drew_random_numbers_are_replayed(monkeypatch):
     chain = _mixed_chain()
     chain.memory_saving = True
     calls = []
-    replay = engine._set_rng_state
-    monkeypatch.setattr(engine, "_set_rng_state", lambda saved: (calls.append(1),
-                                                                 replay(saved)))
+    replay = engine.restore_rng
+    monkeypatch.setattr(engine, "restore_rng", lambda saved: (calls.append(1),
+                                                              replay(saved)))
     y, logdet = chain(X.clone().requires_grad_())
     (y.sum() + logdet.sum()).backward()
     assert len(calls) == 2 + 1  # the two dropout couplings, then the caller's state put back
