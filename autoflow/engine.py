@@ -33,7 +33,9 @@ What the engine guarantees (otherwise it raises :class:`~autoflow.EngineError`):
 * module state (running statistics, data-dependent initialisation) is updated once, by the
   forward pass: buffers changed by a reconstruction are restored, and the random-number state
   of each module that drew random numbers is replayed, so dropout masks match (the caller's
-  state is put back after the backward pass);
+  state is put back after the backward pass); such a module whose rebuild, drawing those
+  numbers again, does not give its output back (an inverse that draws them in another order)
+  is refused;
 * ``create_graph=True`` (double backward) is refused: rebuilt inputs carry no graph to the
   chain's output, so second-order gradients cannot be right;
 * anchored inputs and the saved output are held by autograd and freed by the backward pass.
@@ -846,6 +848,41 @@ def _rebuild(plan: _Plan, i: int, state: State, kept: State | None,
         RANDOMNESS.fork = False
     try:
         with torch.enable_grad(), _autocast_or_not(autocast):
-            return _reconstruct(plan, name, block, state, kept)
+            rec = _reconstruct(plan, name, block, state, kept)
+            low_precision = torch.is_autocast_enabled(plan.device_type)
     finally:
         RANDOMNESS.fork = fork
+    if saved is not None:
+        _check_replayed_output(name, block, rec.output, state, low_precision=low_precision)
+    return rec
+
+
+def _check_replayed_output(name: str, block: nn.Module, rebuilt: State, given: State, *,
+                           low_precision: bool) -> None:
+    """A module that drew random numbers must give its output back when rebuilt with them.
+
+    Replaying the generator state makes the rebuild draw what the forward pass drew, in the
+    order it drew them; an inverse that draws in another order (several random submodules
+    inverted last to first by the default ``reconstruct``) gets other numbers, so it neither
+    rebuilds the input nor, through that, the gradients. Its recomputed output then differs
+    from the one the forward pass gave, far beyond rounding: that is checked here, cheaply,
+    for random modules only.
+    """
+    for r, g in zip(flatten_state(rebuilt), flatten_state(given)):
+        if not g.is_floating_point() or g.numel() == 0:
+            continue
+        tol = 5e-2 if low_precision or g.dtype not in (torch.float32, torch.float64) else (
+            1e-6 if g.dtype == torch.float64 else 1e-3)
+        scale = g.abs().max().item()
+        error = (r.detach() - g).abs().max().item() / max(scale, 1e-30)
+        if not error <= tol:
+            raise EngineError(
+                f"memory-saving engine: module '{name}' ({type(block).__name__}) drew random "
+                f"numbers in its forward pass, and rebuilt with the same ones it does not give "
+                f"its output back (relative difference {error:.2e}, tolerance {tol:.0e}): its "
+                "reconstruction draws them in another order, as the default reconstruct does "
+                "for a module holding several random submodules (couplings with dropout), "
+                "whose inverse runs them last to first. Make those submodules members of the "
+                "memory-saving Sequential themselves, or give the module a reconstruct that "
+                "draws as its forward pass does"
+            )

@@ -239,6 +239,35 @@ def test_backward_leaves_the_callers_random_state_as_it_found_it(chain):
     assert RANDOMNESS.fork
 
 
+class _TwoRandomCouplings(InvertibleModule):
+    """Two dropout couplings in one module: the default reconstruct inverts them last to
+    first, so the replayed random numbers reach them in the wrong order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = ToyCoupling(4, dropout=0.5), ToyCoupling(4, dropout=0.5)
+
+    def forward(self, x: Tensor):
+        h, a = self.first(x)
+        y, b = self.second(h)
+        return y, a + b
+
+    def inverse(self, y: Tensor):
+        h, b = self.second.inverse(y)
+        x, a = self.first.inverse(h)
+        return x, a + b
+
+
+def test_the_engine_refuses_a_rebuild_that_replays_random_numbers_in_another_order():
+    chain = Sequential(perturb(_TwoRandomCouplings()), memory_saving=True).double().train()
+    y, logdet = chain(X.clone().requires_grad_())
+    with pytest.raises(autoflow.EngineError, match="'0' .*drew random numbers.* another order"):
+        (y.sum() + logdet.sum()).backward()
+    # As members of the chain, each is rebuilt with its own numbers: exact gradients.
+    members = Sequential(*perturb(_TwoRandomCouplings()).children()).double().train()
+    assert_engine_gradients_match(members, X)
+
+
 class _FailingReconstruction(ActNorm):
     def reconstruct(self, y, *, context=None):
         assert not RANDOMNESS.fork  # it drew nothing, so the engine switched forks off
