@@ -323,8 +323,9 @@ class Coupling(InvertibleModule):
         conditioner's activations (:mod:`autoflow.banded`). The result is the same up to
         float rounding; the memory of the conditioner's activations falls to a band's, for
         one more conditioner evaluation in backward. Setting it needs a conditioner with a
-        ``receptive_radius`` (:func:`make_conditioner`'s) and no volume normalisation or the
-        channel mode (the spatial mode averages over all rows).
+        ``receptive_radius`` (:func:`make_conditioner`'s) and no normalisation layer
+        (batch, instance or group norm), and no volume normalisation or the channel mode (the
+        spatial mode averages over all rows).
 
         Raises:
             AutoflowError: On setting a value that is not ``None`` or an int ``>= 1``, or
@@ -354,6 +355,14 @@ class Coupling(InvertibleModule):
                 raise AutoflowError(
                     f"{name} band_rows needs volume_norm None or 'channel', received "
                     f"{self.volume_norm.mode!r}, whose mean spans all rows"
+                )
+            norms = [type(m).__name__ for m in self.conditioner.modules()
+                     if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm))]
+            if norms:
+                raise AutoflowError(
+                    f"{name} band_rows needs a conditioner whose outputs depend on nearby rows "
+                    f"only, received one holding {', '.join(norms)}, whose statistics span "
+                    "all rows (and a band's would differ from the whole image's)"
                 )
         self._band_rows = rows
 

@@ -133,6 +133,11 @@ def test_band_rows_rejects_what_cannot_be_banded():
     custom = autoflow.AffineCoupling(4, conditioner=nn.Conv2d(2, 4, 3, padding=1))
     with pytest.raises(AutoflowError, match="receptive_radius=None"):
         custom.band_rows = 8
+    for norm in (nn.BatchNorm2d(6), nn.InstanceNorm2d(6), nn.GroupNorm(2, 6)):
+        normed = autoflow.AffineCoupling(4, conditioner=_DropoutConditioner(
+            nn.Conv2d(2, 6, 3, padding=1), norm, nn.Conv2d(6, 4, 3, padding=1)))
+        with pytest.raises(AutoflowError, match=f"holding {type(norm).__name__}, whose"):
+            normed.band_rows = 8
     masked = autoflow.MaskedCoupling(3, autoflow.checkerboard_mask((3, 4, 4)),
                                      transform=autoflow.SplineTransform())
     with pytest.raises(AutoflowError, match="cannot be evaluated in bands"):
