@@ -35,7 +35,8 @@ about all of them, and conditioning multiplies the combinations. Three families:
     :class:`autoflow.Sequential` chains of 2-5 couplings (affine with or without volume
     normalisation, additive, spline, masked with a checkerboard and an affine, additive or
     spline transform) whose conditioners are user networks with ``Dropout``/``Dropout2d``
-    (and sometimes ``BatchNorm``, whose running statistics must be updated once), between
+    (and sometimes ``BatchNorm``, whose running statistics must be updated once; without it,
+    image couplings are sometimes evaluated in row bands, ``band_rows``), between
     ActNorm, permutations and 1x1 convolutions; image or vector states, no context or a
     vector or spatial one, sometimes a coupling object used twice, anchors every 1-3 modules
     or none, train or eval mode, either direction. Checked by the kit.
@@ -314,7 +315,15 @@ def conditioner(rng: random.Random, in_channels: int, out_channels: int, *, vect
     layers = [nn.Conv2d(in_channels, hidden, 3, padding=1), nn.LeakyReLU(), drop]
     if batch_norm:
         layers.append(nn.BatchNorm2d(hidden))
-    return nn.Sequential(*layers, nn.Conv2d(hidden, out_channels, 3, padding=1))
+        return nn.Sequential(*layers, nn.Conv2d(hidden, out_channels, 3, padding=1))
+    return LocalConditioner(*layers, nn.Conv2d(hidden, out_channels, 3, padding=1))
+
+
+class LocalConditioner(nn.Sequential):
+    """Two 3x3 convolutions and no batch statistics: outputs read two rows each way, so a
+    coupling with it may be evaluated in row bands (``Coupling.band_rows``)."""
+
+    receptive_radius = 2
 
 
 def random_coupling(rng: random.Random, shape: tuple[int, ...], context_channels: int
@@ -350,6 +359,11 @@ def random_coupling(rng: random.Random, shape: tuple[int, ...], context_channels
             conditioner=net(channels, transform.params_per_element * channels), **options)
         kind += f"({type(transform).__name__})"
     extras = f"dropout {dropout}" + (", batch norm" if batch_norm else "")
+    banded = (not vector and not isinstance(layer, autoflow.MaskedCoupling) and not batch_norm
+              and shape[1] > 1 and "spatial" not in kind and rng.random() < 0.4)
+    if banded:  # fewer rows than the image: several bands, halos crossing the cuts
+        layer.band_rows = rng.randint(1, shape[1] - 1)
+        extras += f", band_rows {layer.band_rows}"
     return layer, f"{kind} [{extras}]"
 
 
@@ -377,6 +391,7 @@ def random_chain(rng: random.Random, context_channels: int, *, vector: bool
     kinds = sorted({name.split("(")[0].split(" [")[0] for name in names} - {"module 0 again"})
     kinds += ["batch norm"] if any("batch norm" in name for name in names) else []
     kinds += ["volume norm"] if any("volume_norm" in name for name in names) else []
+    kinds += ["row bands"] if any("band_rows" in name for name in names) else []
     tags = ["anchors" if anchor_every else "no anchors", *kinds] + (
         ["shared module"] if shared else [])
     return chain, shape, [f"Sequential({', '.join(names)}; anchor_every={anchor_every}) "
