@@ -20,7 +20,8 @@ For gradients, :class:`_BandedMap` keeps only ``c`` and ``x`` and rebuilds each 
 graph in backward (gradient checkpointing by bands): one more conditioner evaluation, and the
 gradient of ``c`` sums the bands' contributions, which overlap in the ``r`` rows around each
 cut. A conditioner that draws random numbers (dropout) draws them again in that rebuild, from
-the generator state the bands first started from, so every band sees its forward masks.
+the generator state the bands first started from, so every band sees its forward masks, and
+under the autocast settings of the forward pass.
 Shapes: ``c`` is ``(B, C_c, H, W)``, ``x`` and ``y`` are ``(B, C, H, W)``, the log-det
 ``(B,)``.
 """
@@ -35,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .base import RANDOMNESS, RngSnapshot, replaying_rng, rng_snapshot
+from .base import RANDOMNESS, RngSnapshot, autocast_as, autocast_state, replaying_rng, rng_snapshot
 
 if TYPE_CHECKING:  # pragma: no cover
     from .coupling import Coupling
@@ -138,6 +139,8 @@ class _BandedMap(torch.autograd.Function):
                 ) -> tuple[Tensor, Tensor]:
         ctx.coupling, ctx.inverse, ctx.training = coupling, inverse, coupling.training
         ctx.rng = rng
+        # The bands are rebuilt in backward as they ran here, in autocast's precision too.
+        ctx.autocast = autocast_state(features.device.type)
         ctx.parameters = parameters
         ctx.save_for_backward(features, target)
         if known is not None:
@@ -156,7 +159,7 @@ class _BandedMap(torch.autograd.Function):
         grad_parameters: list[Tensor | None] = [None] * len(parameters)
         height = target.shape[2]
         with (torch.enable_grad(), _training_as(coupling, ctx.training),
-              replaying_rng(ctx.rng)):
+              replaying_rng(ctx.rng), autocast_as(ctx.autocast)):
             for start, stop in row_bands(height, coupling.band_rows):
                 halo = _halo(coupling, start, stop, height)
                 band_features = features[:, :, halo].detach().requires_grad_(want_features)

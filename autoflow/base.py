@@ -295,6 +295,29 @@ def replaying_rng(saved: RngSnapshot | None) -> Iterator[None]:
         yield
 
 
+#: The autocast settings of the device types a computation runs on: per type, whether
+#: autocast is on and its dtype, and whether its cast cache is on.
+AutocastState = list[tuple[str, bool, torch.dtype, bool]]
+
+
+def autocast_state(device_type: str) -> AutocastState:
+    """The autocast settings of ``device_type`` and of the CPU, to run code again as it ran."""
+    cache = torch.is_autocast_cache_enabled()
+    return [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind), cache)
+            for kind in sorted({device_type, "cpu"})]
+
+
+@contextlib.contextmanager
+def autocast_as(states: AutocastState) -> Iterator[None]:
+    """Run the block with the autocast settings of :func:`autocast_state`."""
+    with contextlib.ExitStack() as stack:
+        for kind, enabled, dtype, cache in states:
+            stack.enter_context(
+                torch.autocast(kind, dtype=dtype, enabled=enabled, cache_enabled=cache)
+            )
+        yield
+
+
 def recompute(function: Callable[[State], tuple[State, Tensor | None]], x: State) -> Reconstruction:
     """Run ``function`` again on leaves holding the values of ``x``, building a local graph."""
     leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in flatten_state(x)]

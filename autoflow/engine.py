@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +72,8 @@ from .base import (
     RngSnapshot,
     State,
     accepts_context,
+    autocast_as,
+    autocast_state,
     call_with_context,
     check_logdet,
     flatten_state,
@@ -301,22 +303,6 @@ def _own_grad_tensors(modules: list[nn.Module]) -> list[Tensor] | None:
     return list(found.values())
 
 
-def _autocast_state(device_type: str) -> list[tuple[str, bool, torch.dtype, bool]]:
-    cache = torch.is_autocast_cache_enabled()
-    return [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind), cache)
-            for kind in sorted({device_type, "cpu"})]
-
-
-@contextlib.contextmanager
-def _autocast_as(states: list[tuple[str, bool, torch.dtype, bool]]) -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        for kind, enabled, dtype, cache in states:
-            stack.enter_context(
-                torch.autocast(kind, dtype=dtype, enabled=enabled, cache_enabled=cache)
-            )
-        yield
-
-
 class _Plan:
     """Everything the autograd function needs besides tensors, recorded by the forward pass."""
 
@@ -351,7 +337,7 @@ class _Plan:
         self.first_wanting_grad: int | None = None
         self.pending: tuple | None = None
         self.device_type = flatten_state(x)[0].device.type
-        self.autocast = _autocast_state(self.device_type)
+        self.autocast = autocast_state(self.device_type)
 
     def gradient_reaches(self, i: int) -> bool:
         """Whether the backward pass must go on to the input of module ``i``: some module up
@@ -606,7 +592,7 @@ class _MemorySavingChain(torch.autograd.Function):
         grad_logdet = grads[-1] if plan.has_logdet else None
         external_grads: list[Tensor | None] = [None] * len(plan.externals)
         # Autocast is entered per module only if the forward pass had another state than now.
-        autocast = None if plan.autocast == _autocast_state(plan.device_type) else plan.autocast
+        autocast = None if plan.autocast == autocast_state(plan.device_type) else plan.autocast
         # Modules that drew random numbers get their state replayed; the state found here is
         # put back once at the end, so that the backward pass draws nothing for the caller.
         outer_rng = _rng_state(state) if plan.options.preserve_rng_state else None
@@ -700,7 +686,7 @@ def _backward_run(plan: _Plan, first: int, last: int, state: State, grad_state: 
 
 
 def _autocast_or_not(autocast: list | None) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext() if autocast is None else _autocast_as(autocast)
+    return contextlib.nullcontext() if autocast is None else autocast_as(autocast)
 
 
 def _check_parameters_kept(name: str, block: nn.Module, parameters: list[Tensor],
