@@ -113,18 +113,20 @@ def _map(coupling: Coupling, features: Tensor, target: Tensor, *, inverse: bool,
 
 
 @contextlib.contextmanager
-def _training_as(module: torch.nn.Module, training: bool) -> Iterator[None]:
-    """The module in the train/eval mode it had in the forward pass, for a backward run
-    after the mode was switched."""
-    if module.training == training:
+def _modes_as(module: torch.nn.Module, modes: list[bool]) -> Iterator[None]:
+    """Every submodule of ``module`` in the train/eval mode it had in the forward pass
+    (``modes``, in ``module.modules()`` order), for a backward run after a mode switch."""
+    modules = list(module.modules())
+    current = [m.training for m in modules]
+    if current == modes:
         yield
         return
-    modes = [(m, m.training) for m in module.modules()]
-    module.train(training)
+    for m, mode in zip(modules, modes):
+        m.training = mode
     try:
         yield
     finally:
-        for m, mode in modes:
+        for m, mode in zip(modules, current):
             m.training = mode
 
 
@@ -137,7 +139,8 @@ class _BandedMap(torch.autograd.Function):
                 known: tuple[Tensor, Tensor] | None, rng: RngSnapshot | None,
                 features: Tensor, target: Tensor, *parameters: Tensor
                 ) -> tuple[Tensor, Tensor]:
-        ctx.coupling, ctx.inverse, ctx.training = coupling, inverse, coupling.training
+        ctx.coupling, ctx.inverse = coupling, inverse
+        ctx.modes = [m.training for m in coupling.modules()]
         ctx.rng = rng
         # The bands are rebuilt in backward as they ran here, in autocast's precision too.
         ctx.autocast = autocast_state(features.device.type)
@@ -158,7 +161,7 @@ class _BandedMap(torch.autograd.Function):
         grad_target = torch.empty_like(target) if want_target else None
         grad_parameters: list[Tensor | None] = [None] * len(parameters)
         height = target.shape[2]
-        with (torch.enable_grad(), _training_as(coupling, ctx.training),
+        with (torch.enable_grad(), _modes_as(coupling, ctx.modes),
               replaying_rng(ctx.rng), autocast_as(ctx.autocast)):
             for start, stop in row_bands(height, coupling.band_rows):
                 halo = _halo(coupling, start, stop, height)

@@ -255,3 +255,21 @@ def test_bands_rebuilt_in_backward_run_in_the_forward_pass_autocast():
         for got, want in zip(gradients(banded, memory_saving), expected):
             # bfloat16 rounding of the conditioner's weight gradients, summed band by band.
             assert (got - want).abs().max() <= 0.02 * want.abs().max()
+
+
+def test_bands_rebuilt_in_backward_see_every_submodule_in_its_forward_mode():
+    # Dropout switched off inside a training coupling; all of it switched to training before
+    # backward. The rebuilt bands must still run without dropout.
+    def gradients(switch_before_backward: bool) -> list[torch.Tensor]:
+        block = _dropout_coupling(band_rows=2).train()
+        block.conditioner[1].eval()
+        x = torch.randn(2, 4, 7, 5, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(0)).requires_grad_()
+        y, logdet = block(x)
+        if switch_before_backward:
+            block.train()
+        (y.square().sum() + logdet.sum()).backward()
+        return [x.grad, *(p.grad for p in block.parameters())]
+
+    for got, want in zip(gradients(True), gradients(False)):
+        torch.testing.assert_close(got, want)
