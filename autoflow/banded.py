@@ -145,7 +145,9 @@ class _BandedMap(torch.autograd.Function):
         # The bands are rebuilt in backward as they ran here, in autocast's precision too.
         ctx.autocast = autocast_state(features.device.type)
         ctx.parameters = parameters
-        ctx.save_for_backward(features, target)
+        # The parameters are saved too, so that autograd refuses a backward pass after they
+        # were changed in place (an optimiser step): the bands are rebuilt with them.
+        ctx.save_for_backward(features, target, *parameters)
         if known is not None:
             # New tensor objects on the same memory: autograd attaches this function to them.
             return known[0].detach(), known[1].detach()
@@ -154,7 +156,7 @@ class _BandedMap(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor, grad_logdet: Tensor):  # type: ignore[override]
-        features, target = ctx.saved_tensors
+        features, target = ctx.saved_tensors[:2]
         coupling, parameters = ctx.coupling, ctx.parameters
         want_features, want_target = ctx.needs_input_grad[5:7]
         grad_features = torch.zeros_like(features) if want_features else None

@@ -273,3 +273,13 @@ def test_bands_rebuilt_in_backward_see_every_submodule_in_its_forward_mode():
 
     for got, want in zip(gradients(True), gradients(False)):
         torch.testing.assert_close(got, want)
+
+
+def test_a_parameter_changed_in_place_before_backward_is_refused():
+    block = _dropout_coupling(band_rows=2).eval()
+    x = torch.randn(2, 4, 7, 5, dtype=torch.float64).requires_grad_()
+    y, logdet = block(x)
+    with torch.no_grad():
+        block.conditioner[0].weight.mul_(2)  # an optimiser step before backward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (y.sum() + logdet.sum()).backward()
