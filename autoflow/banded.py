@@ -20,8 +20,8 @@ For gradients, :class:`_BandedMap` keeps only ``c`` and ``x`` and rebuilds each 
 graph in backward (gradient checkpointing by bands): one more conditioner evaluation, and the
 gradient of ``c`` sums the bands' contributions, which overlap in the ``r`` rows around each
 cut. A conditioner that draws random numbers (dropout) draws them again in that rebuild, from
-the generator state the bands first started from, so every band sees its forward masks, and
-under the autocast settings of the forward pass.
+the generator state the bands first started from, so every band sees its forward masks, under
+the autocast settings, train/eval modes and parameter tensors of the forward pass.
 Shapes: ``c`` is ``(B, C_c, H, W)``, ``x`` and ``y`` are ``(B, C, H, W)``, the log-det
 ``(B,)``.
 """
@@ -130,6 +130,24 @@ def _modes_as(module: torch.nn.Module, modes: list[bool]) -> Iterator[None]:
             m.training = mode
 
 
+@contextlib.contextmanager
+def _tensors_as(slots: list[tuple[dict, str, Tensor]]) -> Iterator[None]:
+    """The parameters and buffers the forward pass used put back where they were replaced
+    since (``torch.func.functional_call`` swaps tensors in for the forward call only)."""
+    replaced = [(table, name, t, table.get(name)) for table, name, t in slots
+                if table.get(name) is not t]
+    for table, name, t, _ in replaced:
+        table[name] = t
+    try:
+        yield
+    finally:
+        for table, name, _, current in replaced:
+            if current is None:
+                table.pop(name, None)
+            else:
+                table[name] = current
+
+
 class _BandedMap(torch.autograd.Function):
     """:func:`map_in_bands` with a graph: saves ``features`` and ``target`` and rebuilds each
     band in backward; the forward pass's running statistics are not updated again."""
@@ -141,6 +159,9 @@ class _BandedMap(torch.autograd.Function):
                 ) -> tuple[Tensor, Tensor]:
         ctx.coupling, ctx.inverse = coupling, inverse
         ctx.modes = [m.training for m in coupling.modules()]
+        ctx.slots = [(table, name, t) for m in coupling.modules()
+                     for table in (m._parameters, m._buffers) for name, t in table.items()
+                     if t is not None]
         ctx.rng = rng
         # The bands are rebuilt in backward as they ran here, in autocast's precision too.
         ctx.autocast = autocast_state(features.device.type)
@@ -164,7 +185,7 @@ class _BandedMap(torch.autograd.Function):
         grad_parameters: list[Tensor | None] = [None] * len(parameters)
         height = target.shape[2]
         with (torch.enable_grad(), _modes_as(coupling, ctx.modes),
-              replaying_rng(ctx.rng), autocast_as(ctx.autocast)):
+              replaying_rng(ctx.rng), autocast_as(ctx.autocast), _tensors_as(ctx.slots)):
             for start, stop in row_bands(height, coupling.band_rows):
                 halo = _halo(coupling, start, stop, height)
                 band_features = features[:, :, halo].detach().requires_grad_(want_features)

@@ -283,3 +283,21 @@ def test_a_parameter_changed_in_place_before_backward_is_refused():
         block.conditioner[0].weight.mul_(2)  # an optimiser step before backward
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (y.sum() + logdet.sum()).backward()
+
+
+def test_bands_rebuilt_in_backward_use_the_parameters_of_a_functional_call():
+    from torch.func import functional_call
+
+    block = randomize_conditioner(autoflow.AffineCoupling(4, kernel_size=3), seed=1).double()
+    x = torch.randn(2, 4, 7, 5, dtype=torch.float64)
+    grads = []
+    for band_rows in (None, 2):
+        block.band_rows = band_rows
+        params = {name: p.detach().mul(1.1).requires_grad_()
+                  for name, p in block.named_parameters()}
+        y, logdet = functional_call(block, params, (x,))
+        (y.sum() + logdet.sum()).backward()
+        grads.append([params[name].grad for name in params])
+    for banded, whole in zip(*reversed(grads)):
+        assert banded is not None  # the functional parameters, not the module's own
+        torch.testing.assert_close(banded, whole)
