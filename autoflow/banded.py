@@ -36,7 +36,19 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .base import RANDOMNESS, RngSnapshot, autocast_as, autocast_state, replaying_rng, rng_snapshot
+from .base import (
+    RANDOMNESS,
+    RngSnapshot,
+    TensorSlots,
+    autocast_as,
+    autocast_state,
+    put_back,
+    replaying_rng,
+    rng_snapshot,
+    set_modes,
+    tensor_slots,
+    undo_put_back,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .coupling import Coupling
@@ -117,35 +129,23 @@ def _modes_as(module: torch.nn.Module, modes: list[bool]) -> Iterator[None]:
     """Every submodule of ``module`` in the train/eval mode it had in the forward pass
     (``modes``, in ``module.modules()`` order), for a backward run after a mode switch."""
     modules = list(module.modules())
-    current = [m.training for m in modules]
-    if current == modes:
-        yield
-        return
-    for m, mode in zip(modules, modes):
-        m.training = mode
+    previous = set_modes(modules, modes)
     try:
         yield
     finally:
-        for m, mode in zip(modules, current):
-            m.training = mode
+        if previous is not None:
+            set_modes(modules, previous)
 
 
 @contextlib.contextmanager
-def _tensors_as(slots: list[tuple[dict, str, Tensor]]) -> Iterator[None]:
-    """The parameters and buffers the forward pass used put back where they were replaced
-    since (``torch.func.functional_call`` swaps tensors in for the forward call only)."""
-    replaced = [(table, name, t, table.get(name)) for table, name, t in slots
-                if table.get(name) is not t]
-    for table, name, t, _ in replaced:
-        table[name] = t
+def _tensors_as(slots: TensorSlots) -> Iterator[None]:
+    """The parameters and buffers the forward pass used, put back where they were replaced
+    since (:func:`~autoflow.base.put_back`), for the backward run."""
+    replaced = put_back(slots)
     try:
         yield
     finally:
-        for table, name, _, current in replaced:
-            if current is None:
-                table.pop(name, None)
-            else:
-                table[name] = current
+        undo_put_back(replaced)
 
 
 class _BandedMap(torch.autograd.Function):
@@ -159,9 +159,7 @@ class _BandedMap(torch.autograd.Function):
                 ) -> tuple[Tensor, Tensor]:
         ctx.coupling, ctx.inverse = coupling, inverse
         ctx.modes = [m.training for m in coupling.modules()]
-        ctx.slots = [(table, name, t) for m in coupling.modules()
-                     for table in (m._parameters, m._buffers) for name, t in table.items()
-                     if t is not None]
+        ctx.slots = tensor_slots(list(coupling.modules()))
         ctx.rng = rng
         # The bands are rebuilt in backward as they ran here, in autocast's precision too.
         ctx.autocast = autocast_state(features.device.type)

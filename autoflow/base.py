@@ -318,6 +318,56 @@ def autocast_as(states: AutocastState) -> Iterator[None]:
         yield
 
 
+#: Where each parameter and buffer of a module tree sits: ``(its table, its name, the tensor)``.
+TensorSlots = list[tuple[dict, str, Tensor]]
+
+
+def tensor_slots(modules: Sequence[nn.Module]) -> TensorSlots:
+    """The parameters and buffers of ``modules`` with the table entries that hold them."""
+    return [(table, name, t) for m in modules
+            for table in (m._parameters, m._buffers) for name, t in table.items()
+            if t is not None]
+
+
+def put_back(slots: TensorSlots) -> list[tuple[dict, str, Tensor | None]]:
+    """Put each tensor of ``slots`` back where another replaced it since (a user's assignment,
+    or ``torch.func.functional_call``, which swaps tensors in for one call only).
+
+    Returns:
+        What :func:`undo_put_back` needs to leave the tables as they were found.
+    """
+    replaced = []
+    for table, name, t in slots:
+        current = table.get(name)
+        if current is not t:
+            replaced.append((table, name, current))
+            table[name] = t
+    return replaced
+
+
+def undo_put_back(replaced: list[tuple[dict, str, Tensor | None]]) -> None:
+    """Undo a :func:`put_back`."""
+    for table, name, current in replaced:
+        if current is None:
+            table.pop(name, None)
+        else:
+            table[name] = current
+
+
+def set_modes(modules: Sequence[nn.Module], modes: Sequence[bool]) -> list[bool] | None:
+    """Give each module its train/eval flag from ``modes`` (one per module, in order).
+
+    Returns:
+        The flags they had, for setting them back; ``None`` if nothing changed.
+    """
+    current = [m.training for m in modules]
+    if current == list(modes):
+        return None
+    for m, mode in zip(modules, modes):
+        m.training = mode
+    return current
+
+
 def recompute(function: Callable[[State], tuple[State, Tensor | None]], x: State) -> Reconstruction:
     """Run ``function`` again on leaves holding the values of ``x``, building a local graph."""
     leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in flatten_state(x)]

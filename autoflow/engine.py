@@ -71,6 +71,7 @@ from .base import (
     Reconstruction,
     RngSnapshot,
     State,
+    TensorSlots,
     accepts_context,
     autocast_as,
     autocast_state,
@@ -78,12 +79,16 @@ from .base import (
     check_logdet,
     flatten_state,
     pack_like,
+    put_back,
     recompute,
     restore_rng,
     rng_snapshot,
+    set_modes,
     state_shape,
     structure_of,
     sum_logdets,
+    tensor_slots,
+    undo_put_back,
 )
 from .errors import EngineError
 
@@ -318,7 +323,7 @@ class _Plan:
         self.input_shapes: list = []
         self.rng_states: list = []
         self.training: list[list[bool]] = []
-        self.slots: list[list[tuple[dict, str, Tensor]]] = []
+        self.slots: list[TensorSlots] = []
         # Per module, the parameter tensors of its tree in the forward pass (those it has again
         # during its reconstruction, see _AsInForward), to check none is written.
         self.parameters: list[list[Tensor]] = []
@@ -367,7 +372,7 @@ class _Plan:
                     kept_tensors += tensors
                 modules = list(block.modules())
                 self.training.append([m.training for m in modules])
-                self.slots.append(_slots(modules))
+                self.slots.append(tensor_slots(modules))
                 self.parameters.append([t for m in modules for t in m._parameters.values()
                                         if t is not None])
                 buffers = [b for m in modules for b in m._buffers.values() if b is not None]
@@ -490,28 +495,21 @@ class _AsInForward:
     """
 
     def __init__(self, name: str, block: nn.Module, flags: list[bool],
-                 slots: list[tuple[dict, str, Tensor]]) -> None:
+                 slots: TensorSlots) -> None:
         self.name, self.block, self.flags, self.slots = name, block, flags, slots
 
     def __enter__(self) -> None:
         modules = list(self.block.modules())
-        current = [m.training for m in modules]
-        self.training = None
-        if current != self.flags:
-            if len(modules) != len(self.flags):
-                raise EngineError(
-                    f"memory-saving engine: module '{self.name}' ({type(self.block).__name__}) "
-                    f"had {len(self.flags)} submodules in the forward pass and has "
-                    f"{len(modules)} now; its structure may not change between forward and "
-                    "backward"
-                )
-            for m, flag in zip(modules, self.flags):
-                m.training = flag
-            self.training = (modules, current)
-        self.replaced = [(table, name, t, table.get(name)) for table, name, t in self.slots
-                         if table.get(name) is not t]
-        for table, name, t, _ in self.replaced:
-            table[name] = t
+        if len(modules) != len(self.flags):
+            raise EngineError(
+                f"memory-saving engine: module '{self.name}' ({type(self.block).__name__}) "
+                f"had {len(self.flags)} submodules in the forward pass and has "
+                f"{len(modules)} now; its structure may not change between forward and "
+                "backward"
+            )
+        previous = set_modes(modules, self.flags)
+        self.training = None if previous is None else (modules, previous)
+        self.replaced = put_back(self.slots)
         self.buffers = [(m._buffers, name, buf, buf._version, buf.clone()) for m in modules
                         for name, buf in m._buffers.items() if buf is not None]
 
@@ -524,20 +522,9 @@ class _AsInForward:
             # Copied back whatever its version says (batch norm updates running statistics
             # without incrementing it), through .data so that the restore itself does not.
             buf.data.copy_(value)
-        for table, name, _, current in self.replaced:
-            if current is None:
-                table.pop(name, None)
-            else:
-                table[name] = current
+        undo_put_back(self.replaced)
         if self.training is not None:
-            for m, flag in zip(*self.training):
-                m.training = flag
-
-
-def _slots(modules: list[nn.Module]) -> list[tuple[dict, str, Tensor]]:
-    return [(table, name, t) for m in modules
-            for table in (m._parameters, m._buffers) for name, t in table.items()
-            if t is not None]
+            set_modes(*self.training)
 
 
 class _MemorySavingChain(torch.autograd.Function):
