@@ -29,6 +29,8 @@ Shapes: ``c`` is ``(B, C_c, H, W)``, ``x`` and ``y`` are ``(B, C, H, W)``, the l
 from __future__ import annotations
 
 import contextlib
+import itertools
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -42,6 +44,7 @@ from .base import (
     TensorSlots,
     autocast_as,
     autocast_state,
+    plain_autograd_reason,
     put_back,
     replaying_rng,
     rng_snapshot,
@@ -90,15 +93,24 @@ def map_in_bands(coupling: Coupling, features: Tensor, target: Tensor, *, invers
     input ``features``, evaluated in bands of ``coupling.band_rows`` rows.
 
     With gradients enabled and a tensor requiring grad involved, the result carries a graph
-    that rebuilds each band in backward. ``known = (out, logdet)``, the result already computed
-    without a graph, is returned with that graph instead of being computed again (the
-    memory-saving engine's reconstruction has it); ``rng`` is then the generator state its
-    bands started from (:func:`~autoflow.base.rng_snapshot`, ``None`` when nothing random ran).
+    that rebuilds each band in backward (under a ``torch.func`` transform or forward-mode AD,
+    with a warning, the bands' own graphs instead). ``known = (out, logdet)``, the result
+    already computed without a graph, is returned with that graph instead of being computed
+    again (the memory-saving engine's reconstruction has it); ``rng`` is then the generator
+    state its bands started from (:func:`~autoflow.base.rng_snapshot`, ``None`` when nothing
+    random ran).
 
     Returns:
         ``(out, logdet)``: ``out`` shaped like ``target``, ``logdet`` of shape ``(B,)``.
     """
     if torch.is_grad_enabled():
+        reason = None if known is not None else plain_autograd_reason(lambda: itertools.chain(
+            (features, target), coupling.parameters(), coupling.buffers()))
+        if reason is not None:
+            warnings.warn(f"row bands: {reason}, and a backward pass that rebuilds the bands "
+                          "cannot serve it; the bands keep their graphs (right derivatives, "
+                          "no memory saved)", stacklevel=4)
+            return _map(coupling, features, target, inverse=inverse, update=update)
         parameters = [p for p in coupling.parameters() if p.requires_grad]
         if features.requires_grad or target.requires_grad or parameters:
             if known is None and RANDOMNESS.fork:  # not known to draw nothing

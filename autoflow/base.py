@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
 from .errors import AutoflowError, NotBijectiveError, ShapeError, SwitchError
 
@@ -316,6 +317,24 @@ def autocast_as(states: AutocastState) -> Iterator[None]:
                 torch.autocast(kind, dtype=dtype, enabled=enabled, cache_enabled=cache)
             )
         yield
+
+
+def plain_autograd_reason(tensors: Callable[[], Iterator[Tensor]]) -> str | None:
+    """Why a computation must run with plain autograd instead of a custom backward pass that
+    rebuilds what it needs (the memory-saving engine's, the row bands'); ``None`` if it need not.
+
+    ``torch.func`` transforms (``grad``, ``vmap``, ``jvp``...) and forward-mode AD need rules
+    (``setup_context``, ``vmap``, ``jvp``) that a backward pass rebuilding its inputs from its
+    outputs does not have. Forward-mode AD is checked only while a dual level is open, on the
+    tensors ``tensors()`` yields (the inputs, the context, the modules' parameters and
+    buffers): one of them must carry a tangent.
+    """
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "a torch.func transform (grad, vmap, jvp...) is active"
+    if forward_ad._current_level >= 0 and any(
+            forward_ad.unpack_dual(t).tangent is not None for t in tensors()):
+        return "forward-mode AD is active (a tensor carries a tangent)"
+    return None
 
 
 #: Where each parameter and buffer of a module tree sits: ``(its table, its name, the tensor)``.

@@ -38,6 +38,10 @@ What the engine guarantees (otherwise it raises :class:`~autoflow.EngineError`):
   is refused;
 * ``create_graph=True`` (double backward) is refused: rebuilt inputs carry no graph to the
   chain's output, so second-order gradients cannot be right;
+* under a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``: per-sample gradients, say) or
+  with forward-mode AD, whose rules a backward pass rebuilding its inputs does not have, the
+  chain runs with plain autograd and a warning says so: the derivatives are right, the
+  activations are stored;
 * anchored inputs and the saved output are held by autograd and freed by the backward pass.
 
 Reconstruction error. Rebuilding inputs from outputs accumulates floating-point error through
@@ -55,7 +59,9 @@ which bounds the drift at the cost of ``D / k`` saved states.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -79,6 +85,7 @@ from .base import (
     check_logdet,
     flatten_state,
     pack_like,
+    plain_autograd_reason,
     put_back,
     recompute,
     restore_rng,
@@ -174,6 +181,14 @@ def run_memory_saving(
     if not torch.is_grad_enabled():
         return run_plain(blocks, x, inverse=inverse, debug=options.debug, context=context)
     inputs = flatten_state(x)
+    reason = plain_autograd_reason(lambda: itertools.chain(
+        inputs, [] if context is None else [context],
+        *(itertools.chain(block.parameters(), block.buffers()) for _, block in blocks)))
+    if reason is not None:
+        warnings.warn(f"memory-saving engine: {reason}, and a backward pass that rebuilds "
+                      "activations cannot serve it; the chain runs with plain autograd "
+                      "(right derivatives, activations stored)", stacklevel=3)
+        return run_plain(blocks, x, inverse=inverse, debug=options.debug, context=context)
     plan = _Plan(blocks, x, options, inverse, context)
     outputs, logdet = plan.run_forward(x)
     if not plan.externals and not any(t.requires_grad for t in inputs):
