@@ -42,6 +42,11 @@ What the engine guarantees (otherwise it raises :class:`~autoflow.EngineError`):
   with forward-mode AD, whose rules a backward pass rebuilding its inputs does not have, the
   chain runs with plain autograd and a warning says so: the derivatives are right, the
   activations are stored;
+* tensor hooks and ``retain_grad`` on tensors the chain uses from outside (parameters, a
+  context) act once, in the outer backward pass, as with plain autograd; a forward hook or
+  pre-hook of an invertible module in the chain that replaces its output or input (the
+  inverse would not undo it), and a module backward hook on a module of the chain (the
+  rebuild bypasses ``__call__``, so it would never fire), are refused;
 * anchored inputs and the saved output are held by autograd and freed by the backward pass.
 
 Reconstruction error. Rebuilding inputs from outputs accumulates floating-point error through
@@ -62,7 +67,7 @@ import contextlib
 import itertools
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -323,6 +328,90 @@ def _own_grad_tensors(modules: list[nn.Module]) -> list[Tensor] | None:
     return list(found.values())
 
 
+def _same_values(result: object, given: object) -> bool:
+    """Whether a hook's ``result`` hands back what it was ``given`` (the same tensors)."""
+    if result is given:
+        return True
+    result = result if isinstance(result, tuple) else (result,)
+    given = given if isinstance(given, tuple) else (given,)
+    return len(result) == len(given) and all(r is g for r, g in zip(result, given))
+
+
+class _HookWatch:
+    """Refuses module hooks the engine cannot honour, around one module's forward pass.
+
+    The engine rebuilds a module's input with its inverse and reruns its map without going
+    through ``__call__``, so hooks on the invertible modules of the tree are bypassed there:
+
+    * a forward hook or pre-hook that returns a value (replacing the module's output or input)
+      makes the applied map another one than the module's, which its inverse does not undo:
+      the gradients would be wrong. Such hooks are wrapped for the call and caught when they
+      return something other than what they were given;
+    * a backward hook on the chain's module itself would never fire: refused before the call.
+
+    Hooks that only observe (return ``None``) run as usual; hooks on other submodules
+    (conditioners) run again when the map is rebuilt, with the right values.
+    """
+
+    def __init__(self, name: str, block: nn.Module, modules: list[nn.Module],
+                 global_hooks: bool) -> None:
+        self.name, self.block, self.modules = name, block, modules
+        self.global_hooks = global_hooks
+        self.tables: list[tuple[dict, dict]] = []
+        self.changed: list[nn.Module] = []
+
+    def __enter__(self) -> None:
+        from torch.nn.modules import module
+
+        block = self.block
+        if block._backward_hooks or block._backward_pre_hooks or (
+                self.global_hooks and (module._global_backward_hooks
+                                       or module._global_backward_pre_hooks)):
+            raise EngineError(
+                f"memory-saving engine: module '{self.name}' ({type(block).__name__}) has a "
+                "module backward hook (register_full_backward_hook or a global one), which the "
+                "engine cannot call: it rebuilds the module without __call__, so the hook "
+                "would never fire. Use tensor hooks on its outputs, or memory_saving=False"
+            )
+        tables = [t for m in self.modules if isinstance(m, InvertibleModule)
+                  for t in (m._forward_pre_hooks, m._forward_hooks) if t]
+        if self.global_hooks:
+            tables += [t for t in (module._global_forward_pre_hooks,
+                                   module._global_forward_hooks) if t]
+        for table in tables:
+            original = dict(table)
+            self.tables.append((table, original))
+            for key, hook in original.items():
+                table[key] = self._watched(hook)
+
+    def _watched(self, hook: Callable) -> Callable:
+        def watched(module: nn.Module, *args: object, **kwargs: object) -> object:
+            result = hook(module, *args, **kwargs)
+            # A pre-hook is given (args[, kwargs]), a forward hook (args[, kwargs], output).
+            if (result is not None and isinstance(module, InvertibleModule)
+                    and not _same_values(result, args[-1] if len(args) > 1 else args[0])):
+                self.changed.append(module)
+            return result
+        return watched
+
+    def __exit__(self, kind: type | None, *exc_info: object) -> None:
+        for table, original in self.tables:
+            for key, hook in original.items():
+                if key in table:  # a hook removed during the call stays removed
+                    table[key] = hook
+        if self.changed and kind is None:
+            names = {id(m): n for n, m in self.block.named_modules()}
+            where = ", ".join(f"'{names.get(id(m), '?') or self.name}' ({type(m).__name__})"
+                              for m in dict.fromkeys(self.changed))
+            raise EngineError(
+                f"memory-saving engine: module '{self.name}' ({type(self.block).__name__}): a "
+                f"forward hook or pre-hook of {where} returned a value, replacing its input or "
+                "output; the engine rebuilds inputs with the modules' inverses, which do not "
+                "undo the hook, so the gradients would be wrong. Let the hook return None, "
+                "make the change a module of the chain, or run with memory_saving=False"
+            )
+
+
 class _Plan:
     """Everything the autograd function needs besides tensors, recorded by the forward pass."""
 
@@ -395,7 +484,7 @@ class _Plan:
                 found = None if global_hooks else _own_grad_tensors(modules)
                 if found is None:
                     recorder = _GradTensorRecorder()
-                    with recorder:
+                    with recorder, _HookWatch(name, block, modules, global_hooks):
                         state, logdet = _step(name, block, state, self.inverse, self.context)
                     found = list(recorder.found.values())
                 else:
@@ -793,14 +882,41 @@ def _local_backward(leaves: list[Tensor], output: State, logdets: list[Tensor | 
                 outputs.append(logdet)
                 out_grads.append(grad_logdet.to(logdet.dtype))
     wanted = [leaf for leaf in leaves if leaf.requires_grad] + externals
-    found = torch.autograd.grad(outputs, wanted, out_grads, allow_unused=True) if outputs else (
-        [None] * len(wanted))
+    with _outer_hooks_only(externals):
+        found = torch.autograd.grad(outputs, wanted, out_grads, allow_unused=True) if (
+            outputs) else [None] * len(wanted)
     found = list(found)
     leaf_grads = []
     for leaf in leaves:
         g = found.pop(0) if leaf.requires_grad else None
         leaf_grads.append(torch.zeros_like(leaf) if g is None else g)
     return leaf_grads, found
+
+
+@contextlib.contextmanager
+def _outer_hooks_only(externals: list[Tensor]) -> Iterator[None]:
+    """Keep the tensor hooks (``register_hook``) and ``retain_grad`` of ``externals`` out of a
+    local backward.
+
+    A run's local graph reaches the tensors it uses from outside (parameters, a context)
+    directly, so ``autograd.grad`` would fire their hooks and fill a retained ``.grad``; the
+    engine then hands the gradient to the outer backward pass, which does both again: a hook
+    scaling a gradient by 3 would scale it by 9. Here they fire once, in the outer pass.
+    """
+    silenced = []
+    for t in externals:
+        hooks = t._backward_hooks
+        if hooks:
+            silenced.append((hooks, dict(hooks)))
+            hooks.clear()
+    retained = [(t, t.grad) for t in externals if t.retains_grad]
+    try:
+        yield
+    finally:
+        for hooks, items in silenced:
+            hooks.update(items)
+        for t, grad in retained:
+            t.grad = grad
 
 
 def _rng_state(state: State) -> RngSnapshot:
