@@ -44,6 +44,7 @@ from .base import (
     TensorSlots,
     autocast_as,
     autocast_state,
+    outer_hooks_only,
     plain_autograd_reason,
     put_back,
     replaying_rng,
@@ -195,7 +196,8 @@ class _BandedMap(torch.autograd.Function):
         grad_parameters: list[Tensor | None] = [None] * len(parameters)
         height = target.shape[2]
         with (torch.enable_grad(), _modes_as(coupling, ctx.modes),
-              replaying_rng(ctx.rng), autocast_as(ctx.autocast), _tensors_as(ctx.slots)):
+              replaying_rng(ctx.rng), autocast_as(ctx.autocast), _tensors_as(ctx.slots),
+              outer_hooks_only(parameters)):
             for start, stop in row_bands(height, coupling.band_rows):
                 halo = _halo(coupling, start, stop, height)
                 band_features = features[:, :, halo].detach().requires_grad_(want_features)

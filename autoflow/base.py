@@ -337,6 +337,33 @@ def plain_autograd_reason(tensors: Callable[[], Iterator[Tensor]]) -> str | None
     return None
 
 
+@contextlib.contextmanager
+def outer_hooks_only(tensors: Sequence[Tensor]) -> Iterator[None]:
+    """Keep the tensor hooks (``register_hook``) and ``retain_grad`` of ``tensors`` out of an
+    ``autograd.grad`` call inside a custom backward pass.
+
+    A backward pass that rebuilds its graph (the memory-saving engine's, the row bands') reaches
+    the tensors it uses from outside (parameters, a context) directly, so ``autograd.grad``
+    would fire their hooks and fill a retained ``.grad``; the gradient then goes to the outer
+    backward pass, which does both again: a hook scaling a gradient by 3 would scale it by 9.
+    Within this block they do not fire, so they fire once, in the outer pass.
+    """
+    silenced = []
+    for t in tensors:
+        hooks = t._backward_hooks
+        if hooks:
+            silenced.append((hooks, dict(hooks)))
+            hooks.clear()
+    retained = [(t, t.grad) for t in tensors if t.retains_grad]
+    try:
+        yield
+    finally:
+        for hooks, items in silenced:
+            hooks.update(items)
+        for t, grad in retained:
+            t.grad = grad
+
+
 #: Where each parameter and buffer of a module tree sits: ``(its table, its name, the tensor)``.
 TensorSlots = list[tuple[dict, str, Tensor]]
 

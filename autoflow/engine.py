@@ -67,7 +67,7 @@ import contextlib
 import itertools
 import logging
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -89,6 +89,7 @@ from .base import (
     call_with_context,
     check_logdet,
     flatten_state,
+    outer_hooks_only,
     pack_like,
     plain_autograd_reason,
     put_back,
@@ -882,7 +883,7 @@ def _local_backward(leaves: list[Tensor], output: State, logdets: list[Tensor | 
                 outputs.append(logdet)
                 out_grads.append(grad_logdet.to(logdet.dtype))
     wanted = [leaf for leaf in leaves if leaf.requires_grad] + externals
-    with _outer_hooks_only(externals):
+    with outer_hooks_only(externals):
         found = torch.autograd.grad(outputs, wanted, out_grads, allow_unused=True) if (
             outputs) else [None] * len(wanted)
     found = list(found)
@@ -891,32 +892,6 @@ def _local_backward(leaves: list[Tensor], output: State, logdets: list[Tensor | 
         g = found.pop(0) if leaf.requires_grad else None
         leaf_grads.append(torch.zeros_like(leaf) if g is None else g)
     return leaf_grads, found
-
-
-@contextlib.contextmanager
-def _outer_hooks_only(externals: list[Tensor]) -> Iterator[None]:
-    """Keep the tensor hooks (``register_hook``) and ``retain_grad`` of ``externals`` out of a
-    local backward.
-
-    A run's local graph reaches the tensors it uses from outside (parameters, a context)
-    directly, so ``autograd.grad`` would fire their hooks and fill a retained ``.grad``; the
-    engine then hands the gradient to the outer backward pass, which does both again: a hook
-    scaling a gradient by 3 would scale it by 9. Here they fire once, in the outer pass.
-    """
-    silenced = []
-    for t in externals:
-        hooks = t._backward_hooks
-        if hooks:
-            silenced.append((hooks, dict(hooks)))
-            hooks.clear()
-    retained = [(t, t.grad) for t in externals if t.retains_grad]
-    try:
-        yield
-    finally:
-        for hooks, items in silenced:
-            hooks.update(items)
-        for t, grad in retained:
-            t.grad = grad
 
 
 def _rng_state(state: State) -> RngSnapshot:

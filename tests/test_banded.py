@@ -301,3 +301,22 @@ def test_bands_rebuilt_in_backward_use_the_parameters_of_a_functional_call():
     for banded, whole in zip(*reversed(grads)):
         assert banded is not None  # the functional parameters, not the module's own
         torch.testing.assert_close(banded, whole)
+
+
+def test_tensor_hooks_on_a_banded_couplings_parameters_act_once():
+    # The bands' backward differentiates its rebuilt bands with autograd.grad, band by band,
+    # and hands the sum to the outer pass: a hook must act once on the sum, not on each band
+    # and again outside.
+    block = randomize_conditioner(autoflow.AffineCoupling(4, kernel_size=3), seed=1).double()
+    for p in block.parameters():
+        p.register_hook(lambda g: 3 * g)
+    x = torch.randn(2, 4, 7, 5, dtype=torch.float64)
+    grads = []
+    for band_rows in (None, 2):
+        block.band_rows = band_rows
+        block.zero_grad(set_to_none=True)
+        y, logdet = block(x)
+        (y.square().sum() + logdet.sum()).backward()
+        grads.append([p.grad for p in block.parameters()])
+    for banded, whole in zip(*reversed(grads)):
+        torch.testing.assert_close(banded, whole)
