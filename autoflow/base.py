@@ -329,7 +329,9 @@ def plain_autograd_reason(tensors: Callable[[], Iterator[Tensor]]) -> str | None
     tensors ``tensors()`` yields (the inputs, the context, the modules' parameters and
     buffers): one of them must carry a tangent.
     """
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    # While torch.compile traces, the interpreter stack holds its own entries: not a transform.
+    if (not torch.compiler.is_compiling()
+            and torch._C._functorch.peek_interpreter_stack() is not None):
         return "a torch.func transform (grad, vmap, jvp...) is active"
     if forward_ad._current_level >= 0 and any(
             forward_ad.unpack_dual(t).tangent is not None for t in tensors()):
