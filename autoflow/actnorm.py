@@ -25,6 +25,7 @@ from .base import (
     check_features_shape,
     check_int,
     exact,
+    per_sample,
     positions,
     recompute,
     self_contained,
@@ -34,6 +35,7 @@ from .errors import AutoflowError
 __all__ = ["ActNorm"]
 
 
+@per_sample
 @self_contained
 class ActNorm(InvertibleModule):
     """Per-channel affine normalisation ``y = (x + b) * exp(log_scale)``.

@@ -253,6 +253,23 @@ def self_contained(cls: type[nn.Module]) -> type[nn.Module]:
     return cls
 
 
+#: Module classes whose map treats every sample of a batch on its own, in both modes: one
+#: sample's output depends on that sample (and the context's matching row) alone. The
+#: memory-saving engine may then rebuild and differentiate a batch in slices
+#: (``EngineOptions.backward_chunk``). Not batch or volume normalisation, which average over
+#: the batch in training. Exact classes only, as for :data:`SELF_CONTAINED`.
+PER_SAMPLE: set[type[nn.Module]] = {
+    nn.Sequential, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Identity, nn.Dropout,
+    nn.LeakyReLU, nn.ReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
+}
+
+
+def per_sample(cls: type[nn.Module]) -> type[nn.Module]:
+    """Class decorator: add ``cls`` (exactly, not its subclasses) to :data:`PER_SAMPLE`."""
+    PER_SAMPLE.add(cls)
+    return cls
+
+
 def same_randomness(state: State) -> contextlib.AbstractContextManager:
     """Restore the random-number state on exit, so the next call draws the same numbers.
 

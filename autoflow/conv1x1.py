@@ -38,6 +38,7 @@ from .base import (
     check_image_shape,
     check_int,
     exact,
+    per_sample,
     positions,
     self_contained,
 )
@@ -64,6 +65,7 @@ def _seeded_generator() -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+@per_sample
 @self_contained
 class InvConv1x1(InvertibleModule):
     """Invertible 1x1 convolution with a PLU-parametrised weight, or a plain one.

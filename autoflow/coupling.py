@@ -47,6 +47,7 @@ from .base import (
     check_floating,
     check_int,
     exact,
+    per_sample,
     rng_snapshot,
     self_contained,
 )
@@ -138,6 +139,7 @@ def make_conditioner(
     )
 
 
+@per_sample
 @self_contained
 class _Conditioner(nn.Sequential):
     """The default conditioner; a ``(B, C)`` vector batch runs through it as 1×1 images."""
@@ -683,6 +685,7 @@ class _ChannelCoupling(Coupling):
         return check_features_shape(output_shape, self.channels, self)
 
 
+@per_sample
 @self_contained
 class AffineCoupling(_ChannelCoupling):
     """RealNVP affine coupling (eqs. 3-5) on ``(B, channels, H, W)`` or ``(B, channels)``.
@@ -750,6 +753,7 @@ class AffineCoupling(_ChannelCoupling):
         )
 
 
+@per_sample
 @self_contained
 class AdditiveCoupling(_ChannelCoupling):
     """NICE additive coupling ``y1 = x1 + t(x0)``: the volume-preserving case ``s = 0``.

@@ -76,6 +76,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .base import (
+    PER_SAMPLE,
     RANDOMNESS,
     SELF_CONTAINED,
     InvertibleModule,
@@ -138,15 +139,29 @@ class EngineOptions:
         preserve_rng_state: Replay the random-number state of each module that drew random
             numbers during its reconstruction, so randomness (dropout) in conditioners is
             identical to the forward pass.
+        backward_chunk: Rebuild and differentiate each run of modules in slices of at most
+            this many samples, so the backward pass's local graph holds one slice's
+            activations instead of the batch's; ``None`` does the whole batch at once. Only
+            runs whose every module treats samples alone (:data:`~autoflow.base.PER_SAMPLE`,
+            self-contained, no random numbers drawn, a context with one row per sample or one
+            for all) are sliced; the others run whole. Costs time per slice.
         errors: Worst relative reconstruction error seen per module name (debug mode).
     """
 
     anchor_every: int | None = None
     debug: bool = False
     preserve_rng_state: bool = True
+    backward_chunk: int | None = None
     errors: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.backward_chunk is not None and (
+            type(self.backward_chunk) is not int or self.backward_chunk < 1
+        ):
+            raise EngineError(
+                "backward_chunk must be a positive int or None, received "
+                f"{self.backward_chunk!r}"
+            )
         if self.anchor_every is not None and (
             not isinstance(self.anchor_every, int) or self.anchor_every < 1
         ):
@@ -427,6 +442,8 @@ class _Plan:
         self.has_logdet = True
         self.input_shapes: list = []
         self.rng_states: list = []
+        # Per module, whether its tree is self-contained and of PER_SAMPLE classes only.
+        self.per_sample: list[bool] = []
         self.training: list[list[bool]] = []
         self.slots: list[TensorSlots] = []
         # Per module, the parameter tensors of its tree in the forward pass (those it has again
@@ -483,6 +500,8 @@ class _Plan:
                 buffers = [b for m in modules for b in m._buffers.values() if b is not None]
                 before = [b._version for b in buffers]
                 found = None if global_hooks else _own_grad_tensors(modules)
+                self.per_sample.append(found is not None
+                                       and all(type(m) in PER_SAMPLE for m in modules))
                 if found is None:
                     recorder = _GradTensorRecorder()
                     with recorder, _HookWatch(name, block, modules, global_hooks):
@@ -695,7 +714,7 @@ class _MemorySavingChain(torch.autograd.Function):
                     # on an input without grad): rebuilding them would be wasted work and
                     # memory, often the step's peak, as they run at the input's size.
                     break
-                state, grad_state = _backward_run(
+                state, grad_state = _backward_run_in_slices(
                     plan, first, last, state, grad_state, grad_logdet, kept.get(first),
                     autocast, external_grads
                 )
@@ -705,6 +724,51 @@ class _MemorySavingChain(torch.autograd.Function):
         input_grads = [g if wanted else None
                        for g, wanted in zip(grad_state, plan.input_requires_grad)]
         return (None, *input_grads, *external_grads)
+
+
+def _backward_run_in_slices(plan: _Plan, first: int, last: int, state: State,
+                            grad_state: list[Tensor], grad_logdet: Tensor | None,
+                            kept: State | None, autocast: list | None,
+                            external_grads: list[Tensor | None]) -> tuple[State, list[Tensor]]:
+    """:func:`_backward_run` over slices of ``options.backward_chunk`` samples, where the run
+    allows it (see :class:`EngineOptions`), else over the whole batch.
+
+    Each slice rebuilds its part of module ``first``'s input and its gradient, which are
+    concatenated; the gradients of external tensors (parameters, the context, whose slice is
+    taken inside each local graph) add up over the slices as they do over runs.
+    """
+    chunk = plan.options.backward_chunk
+    tensors = flatten_state(state)
+    batch = tensors[0].shape[0]
+    context = plan.context
+    if (chunk is None or batch <= chunk or not all(plan.per_sample[first:last + 1])
+            or any(plan.rng_states[i] is not None for i in range(first, last + 1))
+            or any(t.shape[0] != batch for t in tensors)
+            or (context is not None and context.shape[0] not in (1, batch))):
+        return _backward_run(plan, first, last, state, grad_state, grad_logdet, kept, autocast,
+                             external_grads)
+    rebuilt_parts, grad_parts = [], []
+    try:
+        for start in range(0, batch, chunk):
+            part = slice(start, start + chunk)
+
+            def sliced(whole: State, part: slice = part) -> State:
+                return pack_like([t[part] for t in flatten_state(whole)], whole)
+
+            if context is not None and context.shape[0] == batch:
+                with torch.enable_grad():  # the slice joins the local graph
+                    plan.context = context[part]
+            rebuilt, grads = _backward_run(
+                plan, first, last, sliced(state), [g[part] for g in grad_state],
+                None if grad_logdet is None else grad_logdet[part],
+                None if kept is None else sliced(kept), autocast, external_grads)
+            rebuilt_parts.append(rebuilt)
+            grad_parts.append(grads)
+    finally:
+        plan.context = context
+    joined = [torch.cat(ts) for ts in zip(*(flatten_state(r) for r in rebuilt_parts))]
+    return (pack_like(joined, rebuilt_parts[0]),
+            [torch.cat(gs) for gs in zip(*grad_parts)])
 
 
 def _backward_run(plan: _Plan, first: int, last: int, state: State, grad_state: list[Tensor],

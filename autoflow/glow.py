@@ -50,6 +50,7 @@ def glow(
     memory_saving: bool = False,
     anchor_every: int | None = None,
     context_channels: int = 0,
+    backward_chunk: int | None = None,
 ) -> Sequential:
     """Build a multi-scale Glow flow as one flat :class:`~autoflow.Sequential`.
 
@@ -78,6 +79,7 @@ def glow(
             coupling, and every split's learned prior, gets it concatenated to its
             conditioner's input (a ``(B, K)`` vector broadcast over space, or a
             ``(B, K, h, w)`` image resized to each level); call ``flow(x, context=c)``.
+        backward_chunk: Engine option, see :class:`~autoflow.Sequential`.
 
     Returns:
         The flow; check it with ``flow.check((C, H, W))``.
@@ -140,7 +142,8 @@ def glow(
                                  context_channels=context_channels if learned_prior else 0))
             split_seen = True
             channels -= channels // 2
-    return Sequential(*modules, memory_saving=memory_saving, anchor_every=anchor_every)
+    return Sequential(*modules, memory_saving=memory_saving, anchor_every=anchor_every,
+                      backward_chunk=backward_chunk)
 
 
 

@@ -16,12 +16,21 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from .base import InvertibleModule, Reconstruction, Shape, State, call_with_context, self_contained
+from .base import (
+    InvertibleModule,
+    Reconstruction,
+    Shape,
+    State,
+    call_with_context,
+    per_sample,
+    self_contained,
+)
 from .errors import AutoflowError, ShapeError
 
 __all__ = ["OnFirst"]
 
 
+@per_sample
 @self_contained
 class OnFirst(InvertibleModule):
     """Run ``module`` on the first tensor of a tuple state and pass the others through.

@@ -17,6 +17,7 @@ from .base import (
     check_features,
     check_features_shape,
     check_int,
+    per_sample,
     self_contained,
 )
 from .errors import AutoflowError
@@ -26,6 +27,7 @@ __all__ = ["Permute"]
 _KINDS = ("random", "reverse")
 
 
+@per_sample
 @self_contained
 class Permute(InvertibleModule):
     """Permute channels by a fixed random, reversing or given permutation.

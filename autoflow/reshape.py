@@ -24,7 +24,15 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .base import InvertibleModule, Shape, check_image, check_image_shape, check_int, self_contained
+from .base import (
+    InvertibleModule,
+    Shape,
+    check_image,
+    check_image_shape,
+    check_int,
+    per_sample,
+    self_contained,
+)
 from .errors import AutoflowError, ShapeError
 
 __all__ = ["HaarDownsample", "Squeeze"]
@@ -69,6 +77,7 @@ class _Downsample2x(InvertibleModule):
         return (c // 4, 2 * h, 2 * w)
 
 
+@per_sample
 @self_contained
 class HaarDownsample(_Downsample2x):
     """Orthonormal 2-D Haar wavelet transform per channel; a bijection with log-det 0.
@@ -124,6 +133,7 @@ class HaarDownsample(_Downsample2x):
         return x, y.new_zeros(y.shape[0])
 
 
+@per_sample
 @self_contained
 class Squeeze(_Downsample2x):
     """Space-to-depth: move each 2x2 block of a channel into 4 channels; log-det 0.

@@ -38,6 +38,9 @@ class Sequential(InvertibleModule):
         debug: Engine option: measure reconstruction errors (see ``reconstruction_errors``) and
             check for NaN/inf; keeps all activations, so it saves no memory.
         preserve_rng_state: Engine option: replay random-number state during reconstruction.
+        backward_chunk: Engine option: rebuild and differentiate runs of per-sample modules
+            in slices of at most this many samples, for less memory at large batches (see
+            :class:`~autoflow.engine.EngineOptions`).
 
     Example:
         >>> import torch, autoflow
@@ -55,6 +58,7 @@ class Sequential(InvertibleModule):
         anchor_every: int | None = None,
         debug: bool = False,
         preserve_rng_state: bool = True,
+        backward_chunk: int | None = None,
     ) -> None:
         super().__init__()
         for value, name in ((memory_saving, "memory_saving"), (debug, "debug"),
@@ -72,7 +76,8 @@ class Sequential(InvertibleModule):
                         f"memory_saving=True needs every invertible module to implement "
                         f"inverse, but module '{name}' ({type(module).__name__}) does not"
                     )
-        self.engine_options = EngineOptions(anchor_every, debug, preserve_rng_state)
+        self.engine_options = EngineOptions(anchor_every, debug, preserve_rng_state,
+                                            backward_chunk)
 
     @staticmethod
     def _reject(index: int, module: object) -> None:
@@ -103,7 +108,8 @@ class Sequential(InvertibleModule):
         options = self.engine_options
         return Sequential(*modules[index], memory_saving=self.memory_saving,
                           anchor_every=options.anchor_every, debug=options.debug,
-                          preserve_rng_state=options.preserve_rng_state)
+                          preserve_rng_state=options.preserve_rng_state,
+                          backward_chunk=options.backward_chunk)
 
     @property
     def bijective(self) -> bool:  # type: ignore[override]

@@ -48,6 +48,7 @@ from .base import (
     check_features,
     check_features_shape,
     check_int,
+    per_sample,
     self_contained,
 )
 from .coupling import Coupling, make_conditioner
@@ -56,6 +57,7 @@ from .errors import AutoflowError, ShapeError
 __all__ = ["Split"]
 
 
+@per_sample
 @self_contained
 class _LatentPrior(Coupling):
     """Affine coupling of the last tensor of a tuple state on its first tensor."""
@@ -78,6 +80,7 @@ class _LatentPrior(Coupling):
         return kept[0]
 
 
+@per_sample
 @self_contained
 class Split(InvertibleModule):
     """Factor out ``C // 2`` channels as a latent; keep ``C - C // 2`` going on.

@@ -12,7 +12,9 @@ zero-initialised) and the same soft clamp ``2 tanh(s / 2)``; the parameter count
 FrEIA's pieces: ``IRevNetDownsampling``, ``ActNorm``, ``PermuteRandom``,
 ``AffineCouplingOneSided`` (``clamp_activation=tanh(u / 2)``), ``Split``, ``GraphINN``.
 autoflow's: ``autoflow.glow.glow(..., mixing="permute", learned_prior=False)``. An extra row
-trains autoflow's default Glow (learned 1x1 convolutions, learned split priors) for reference.
+trains autoflow's default Glow (learned 1x1 convolutions, learned split priors) for reference,
+and another the engine rebuilding the batch in slices of ``SLICE`` samples
+(``backward_chunk``), which trades step time for memory at large batches.
 
 Every configuration runs in a fresh subprocess (``--worker``), with ``MALLOC_MMAP_THRESHOLD_``
 set so that freed memory goes back to the system, one torch thread, the same seed, the same
@@ -26,7 +28,8 @@ data order and the same number of optimiser steps. It reports
 * peak memory: ``/proc/self/clear_refs`` is written with ``5`` right before the measured steps
   (after imports, data, model and ActNorm initialisation), which resets ``VmHWM`` to the current
   resident set; ``VmHWM`` after the steps is the peak resident set of the process, and its rise
-  over ``VmRSS`` before the steps is the memory the training steps themselves needed.
+  over ``VmRSS`` before the steps is the memory the training steps themselves needed; the
+  median time of those large-batch steps too.
 """
 
 from __future__ import annotations
@@ -50,7 +53,9 @@ CONFIGS = {
     "autoflow": "autoflow Sequential, plain autograd",
     "autoflow-engine": "autoflow Sequential, memory-saving engine",
     "autoflow-glow-engine": "autoflow default Glow (1x1 conv, learned priors), engine",
+    "autoflow-engine-sliced": "autoflow Sequential, engine, backward_chunk=1024",
 }
+SLICE = 1024  # samples per slice of the sliced engine row
 
 
 # Worker: one configuration in a fresh process ---------------------------------------------
@@ -89,7 +94,8 @@ def _build(config: str, levels: int, depth: int, hidden: int, seed: int):
     default = config == "autoflow-glow-engine"
     transform = glow(1, levels=levels, depth_per_level=depth, hidden_channels=hidden,
                      mixing="conv1x1" if default else "permute", learned_prior=default,
-                     memory_saving=config != "autoflow")
+                     memory_saving=config != "autoflow",
+                     backward_chunk=SLICE if config == "autoflow-engine-sliced" else None)
     flow = Flow(transform, (1, 8, 8))
     return flow, flow.log_prob
 
@@ -199,8 +205,11 @@ def worker(args: argparse.Namespace) -> dict:
                                               generator=generator)], generator)
     memory_before = _status("VmRSS")
     _reset_peak()
+    memory_times = []
     for _ in range(args.memory_steps):
+        start = time.perf_counter()
         step(memory_x)
+        memory_times.append(time.perf_counter() - start)
     memory_peak = _status("VmHWM")
     mib = 2.0**20
     return {
@@ -214,6 +223,7 @@ def worker(args: argparse.Namespace) -> dict:
         "train_peak_rss_mib": train_peak / mib,
         "memory_rss_before_mib": memory_before / mib,
         "memory_peak_rss_mib": memory_peak / mib,
+        "memory_step_s": float(np.median(memory_times)),
         "finite": all(math.isfinite(v) for v in losses),
     }
 
@@ -273,6 +283,9 @@ def report(results: list[dict], timing: dict, args: argparse.Namespace, command:
 
     by = {r["config"]: r for r in results}
     freia, plain, engine = by["freia"], by["autoflow"], by["autoflow-engine"]
+    sliced = by.get("autoflow-engine-sliced")
+    sliced_peak_ratio = None if sliced is None else (
+        sliced["memory_peak_rss_mib"] / freia["memory_peak_rss_mib"])
     lines = [
         "# autoflow vs FrEIA: multi-scale flow on 8x8 digits",
         "",
@@ -298,15 +311,16 @@ def report(results: list[dict], timing: dict, args: argparse.Namespace, command:
         "",
         "| configuration | parameters | test bits/dim | median step (ms) "
         f"| peak RSS, batch {args.batch_size} (MiB) | rise (MiB) "
-        f"| peak RSS, batch {args.memory_batch_size} (MiB) | rise (MiB) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| peak RSS, batch {args.memory_batch_size} (MiB) | rise (MiB) "
+        f"| median step, batch {args.memory_batch_size} (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         lines.append(
             f"| {CONFIGS[r['config']]} | {r['parameters']:,} | {r['test_bits_per_dim']:.4f} | "
             f"{r['median_step_ms']:.1f} | {r['train_peak_rss_mib']:.0f} | "
             f"{_rise(r, 'train'):.1f} | {r['memory_peak_rss_mib']:.0f} | "
-            f"{_rise(r, 'memory'):.1f} |"
+            f"{_rise(r, 'memory'):.1f} | {r['memory_step_s']:.2f} |"
         )
     bpd_ratio = plain["test_bits_per_dim"] / freia["test_bits_per_dim"]
     engine_bpd_ratio = engine["test_bits_per_dim"] / freia["test_bits_per_dim"]
@@ -352,6 +366,16 @@ def report(results: list[dict], timing: dict, args: argparse.Namespace, command:
         f"{rise_ratio:.3f}x — {verdict(rise_ratio <= 0.5)}; whole-process peak RSS "
         f"{peak_ratio:.3f}x — {verdict(peak_ratio <= 0.5)}. At the training batch "
         f"{args.batch_size} the rise ratio is {train_rise_ratio:.3f}x.",
+        *([] if sliced is None else [
+            f"* The same with the engine rebuilding slices of {SLICE} samples "
+            f"(`backward_chunk={SLICE}`): rise "
+            f"{_rise(sliced, 'memory') / _rise(freia, 'memory'):.3f}x, "
+            f"whole-process peak RSS {sliced_peak_ratio:.3f}x — "
+            f"{verdict(sliced_peak_ratio <= 0.5)}; its batch-{args.memory_batch_size} step takes "
+            f"{sliced['memory_step_s'] / engine['memory_step_s']:.2f}x the unsliced engine's "
+            f"({sliced['memory_step_s']:.2f} s against {engine['memory_step_s']:.2f} s). At the "
+            f"training batch {args.batch_size} nothing is sliced (bits/dim "
+            f"{sliced['test_bits_per_dim']:.4f}, as the engine row)."]),
         "",
         "## Notes",
         "",
