@@ -41,6 +41,10 @@ about all of them, and conditioning multiplies the combinations. Three families:
     vector or spatial one, sometimes a coupling object used twice, anchors every 1-3 modules
     or none, train or eval mode, either direction. Checked by the kit.
 
+Half of the cases of every family set ``backward_chunk`` to 1, 2 or 3 samples, so the engine
+rebuilds their runs of per-sample modules in slices of the batch (drawn from a generator of
+their own: the rest of each case is the same with or without).
+
 Every coupling conditioner (split priors included) and every ActNorm gets ``0.1 * N(0, 1)``
 added to its weights (``--perturbation``), so that zero-initialised conditioners do not make
 the couplings, the context or the log-dets trivial; 1x1 convolutions keep their random
@@ -207,6 +211,15 @@ def with_engine_options(model: Sequential, **options) -> Sequential:
     for key, value in options.items():
         setattr(model.engine_options, key, value)
     return model
+
+
+def maybe_slices(model: Sequential, family: str, seed: int, index: int, tags: list[str]) -> None:
+    """Half of the cases rebuild in slices of 1-3 samples (``backward_chunk``), drawn from a
+    generator of their own so that the rest of each case is what it was without slices."""
+    draw = random.Random(f"slices:{family}:{seed}:{index}")
+    if draw.random() < 0.5:
+        model.engine_options.backward_chunk = draw.choice([1, 2, 3])
+        tags.append(f"slices of {model.engine_options.backward_chunk}")
 
 
 # The kit's checker and the numbers it returns --------------------------------------------------
@@ -436,6 +449,7 @@ def glow_case(index: int, settings: Settings) -> Case:
     k = rng.randint(1, 3)
     flow, shape, tags = random_glow(rng, k, vector=vector)
     perturb(flow, torch_seed, settings.perturbation)
+    maybe_slices(flow, "glow", settings.seed, index, tags)
     batch = rng.randint(2, 4)
     spatial = not vector and rng.random() < 0.5
     tags.append("spatial context" if spatial else "vector context")
@@ -463,6 +477,7 @@ def chain_case(index: int, settings: Settings) -> Case:
     k = rng.choice([0, 1, 2, 3])
     chain, shape, tags = random_chain(rng, k, vector=vector)
     perturb(chain, torch_seed, settings.perturbation)
+    maybe_slices(chain, "chain", settings.seed, index, tags)
     spatial = k > 0 and not vector and rng.random() < 0.5
     tags.append("no context" if k == 0 else "spatial context" if spatial else "vector context")
     batch = rng.randint(2, 4)
@@ -613,6 +628,7 @@ def flow_case(index: int, settings: Settings) -> Case:
     encoder, encoder_text, draw = random_encoder(rng, k, images=not vector)
     flow = autoflow.Flow(transform, shape, context_encoder=encoder.double()).double()
     perturb(flow, torch_seed, settings.perturbation)
+    maybe_slices(transform, "flow", settings.seed, index, tags)
     tags.append(encoder_text.split("(")[0])
     set_mode(rng, flow, tensor_of((4, *shape), F64, torch_seed + 1), draw(4, torch_seed + 2),
              tags)
