@@ -345,12 +345,14 @@ def _own_grad_tensors(modules: list[nn.Module]) -> list[Tensor] | None:
 
 
 def _same_values(result: object, given: object) -> bool:
-    """Whether a hook's ``result`` hands back what it was ``given`` (the same tensors)."""
+    """Whether a hook's ``result`` hands back what it was ``given`` (the same objects)."""
     if result is given:
         return True
     result = result if isinstance(result, tuple) else (result,)
     given = given if isinstance(given, tuple) else (given,)
-    return len(result) == len(given) and all(r is g for r, g in zip(result, given))
+    return len(result) == len(given) and all(r is g or (
+        isinstance(r, tuple) and isinstance(g, tuple) and _same_values(r, g))
+        for r, g in zip(result, given))
 
 
 class _HookWatch:
@@ -394,18 +396,23 @@ class _HookWatch:
         if self.global_hooks:
             tables += [t for t in (module._global_forward_pre_hooks,
                                    module._global_forward_hooks) if t]
+        pre_tables = {id(m._forward_pre_hooks) for m in self.modules} | {
+            id(module._global_forward_pre_hooks)}
         for table in tables:
             original = dict(table)
             self.tables.append((table, original))
             for key, hook in original.items():
-                table[key] = self._watched(hook)
+                table[key] = self._watched(hook, pre=id(table) in pre_tables)
 
-    def _watched(self, hook: Callable) -> Callable:
+    def _watched(self, hook: Callable, *, pre: bool) -> Callable:
         def watched(module: nn.Module, *args: object, **kwargs: object) -> object:
             result = hook(module, *args, **kwargs)
-            # A pre-hook is given (args[, kwargs]), a forward hook (args[, kwargs], output).
+            # A pre-hook is given (args,) or (args, kwargs) and may return a replacement of
+            # the same form; a forward hook is given (args[, kwargs], output) and may return
+            # a replacement output.
+            given = (args[0] if len(args) == 1 else args) if pre else args[-1]
             if (result is not None and isinstance(module, InvertibleModule)
-                    and not _same_values(result, args[-1] if len(args) > 1 else args[0])):
+                    and not _same_values(result, given)):
                 self.changed.append(module)
             return result
         return watched

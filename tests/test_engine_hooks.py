@@ -94,6 +94,8 @@ def test_observing_hooks_and_conditioner_hooks_are_honoured():
         coupling = _couplings(chain)[1]
         coupling.register_forward_pre_hook(lambda m, args: None)
         coupling.register_forward_hook(lambda m, args, out: out)  # hands the output back
+        coupling.register_forward_pre_hook(lambda m, args, kwargs: (args, kwargs),
+                                           with_kwargs=True)  # hands its arguments back
         # Changes what the conditioner computes: rerun with the map, so honoured.
         coupling.conditioner.register_forward_hook(lambda m, args, out: 1.5 * out)
         coupling.conditioner.register_full_backward_hook(lambda m, gi, go: calls.append(1))
@@ -105,14 +107,17 @@ def test_observing_hooks_and_conditioner_hooks_are_honoured():
     _assert_close(found, expected)
 
 
-@pytest.mark.parametrize("kind", ["forward", "pre"])
+@pytest.mark.parametrize("kind", ["forward", "pre", "pre-with-kwargs"])
 def test_a_hook_replacing_a_modules_output_or_input_is_refused(kind):
     chain = _chain(True)
     coupling = _couplings(chain)[0]
     if kind == "forward":
         handle = coupling.register_forward_hook(lambda m, args, out: (2 * out[0], out[1]))
-    else:
+    elif kind == "pre":
         handle = coupling.register_forward_pre_hook(lambda m, args: (2 * args[0],))
+    else:
+        handle = coupling.register_forward_pre_hook(
+            lambda m, args, kwargs: ((2 * args[0],), kwargs), with_kwargs=True)
     context = torch.zeros(3, CONTEXT, dtype=torch.float64)
     with pytest.raises(EngineError, match="returned a value, replacing its input or output"):
         chain(_images().requires_grad_(), context=context)
