@@ -265,7 +265,11 @@ PER_SAMPLE: set[type[nn.Module]] = {
 
 
 def per_sample(cls: type[nn.Module]) -> type[nn.Module]:
-    """Class decorator: add ``cls`` (exactly, not its subclasses) to :data:`PER_SAMPLE`."""
+    """Class decorator: add ``cls`` (exactly, not its subclasses) to :data:`PER_SAMPLE`.
+
+    Only for classes whose maps give each sample's output from that sample alone, in training
+    mode too; :func:`autoflow.testing.assert_per_sample` checks an instance.
+    """
     PER_SAMPLE.add(cls)
     return cls
 

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 import autoflow
-from autoflow import EngineError, engine
+from autoflow import AutoflowError, EngineError, engine
 from autoflow.base import flatten_state
-from autoflow.testing import relative_error
+from autoflow.testing import assert_per_sample, relative_error
 
 from toys import perturb, randomize_conditioner
 
@@ -121,7 +121,7 @@ def test_a_bad_slice_size_is_refused(bad):
 
 
 def test_every_per_sample_class_maps_each_sample_alone():
-    """A batch gives, sample by sample, what each sample gives alone, both ways, in eval and
+    """The kit's check, over samples covering every autoflow class in PER_SAMPLE, in eval and
     in training mode (after a first call, as ActNorm initialises on its first batch)."""
     from autoflow.base import PER_SAMPLE
 
@@ -135,25 +135,25 @@ def test_every_per_sample_class_maps_each_sample_alone():
     covered = set()
     for sample in samples:
         sample = sample.double()
-        channels = 4 if isinstance(sample[0], autoflow.OnFirst) else 1
-        x = torch.randn(5, channels, 8, 8, generator=generator, dtype=torch.float64)
-        whole_x = (x, x[:, :1]) if channels == 4 else x
+        image = torch.randn(5, 1, 8, 8, generator=generator, dtype=torch.float64)
+        x = (image.expand(-1, 4, -1, -1), image) if isinstance(sample[0], autoflow.OnFirst) else (
+            image)
         with torch.no_grad():
-            sample(whole_x)  # initialises ActNorm
-            for p in sample.parameters():
-                p.add_(0.1 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
-            for mode in (False, True):
-                sample.train(mode)
-                y, logdet = sample(whole_x)
-                for i in range(5):
-                    one = tuple(t[i:i + 1] for t in flatten_state(whole_x))
-                    y_one, logdet_one = sample(one if isinstance(whole_x, tuple) else one[0])
-                    for a, b in zip(flatten_state(y_one), flatten_state(y), strict=True):
-                        assert relative_error(a, b[i:i + 1]) < 1e-12
-                    assert relative_error(logdet_one, logdet[i:i + 1]) < 1e-12
-                back, _ = sample.inverse(y)
-                for a, b in zip(flatten_state(back), flatten_state(whole_x), strict=True):
-                    assert relative_error(a, b) < 1e-10
+            sample(x)  # initialises ActNorm
+            perturb(sample, scale=0.1)
+        for mode in (False, True):
+            assert_per_sample(sample.train(mode), x)
         covered |= {type(m) for m in sample.modules()}
     ours = {c for c in PER_SAMPLE if c.__module__.startswith("autoflow")}
     assert ours <= covered, f"not sampled: {sorted(c.__name__ for c in ours - covered)}"
+
+
+def test_the_per_sample_check_catches_batch_statistics():
+    coupling = randomize_conditioner(
+        autoflow.AffineCoupling(4, kernel_size=3, volume_norm="channel").double(), seed=2)
+    x = torch.randn(4, 4, 6, 6, dtype=torch.float64)
+    assert_per_sample(coupling.eval(), x)  # the running mean: each sample alone
+    with pytest.raises(AssertionError, match="is not per-sample: its forward output of sample 0"):
+        assert_per_sample(coupling.train(), x)  # the batch mean
+    with pytest.raises(AutoflowError, match="at least 2 samples"):
+        assert_per_sample(coupling, x[:1])

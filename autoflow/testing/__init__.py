@@ -5,6 +5,7 @@ from .checks import (
     assert_engine_gradients_match,
     assert_invertible,
     assert_logdet_matches_jacobian,
+    assert_per_sample,
     default_rtol,
     relative_error,
 )
@@ -13,6 +14,7 @@ __all__ = [
     "assert_engine_gradients_match",
     "assert_invertible",
     "assert_logdet_matches_jacobian",
+    "assert_per_sample",
     "default_rtol",
     "relative_error",
     "strategies",

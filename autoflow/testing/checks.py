@@ -23,6 +23,7 @@ __all__ = [
     "assert_engine_gradients_match",
     "assert_invertible",
     "assert_logdet_matches_jacobian",
+    "assert_per_sample",
     "default_rtol",
     "relative_error",
 ]
@@ -176,6 +177,66 @@ def assert_invertible(
             f"{type(module).__name__} claims volume_preserving but its logdet is "
             f"{logdet.abs().max().item():.3e}"
         )
+
+
+def assert_per_sample(
+    module: InvertibleModule, inputs: State, *, context: Tensor | None = None,
+    rtol: float | None = None
+) -> None:
+    """Assert that ``module`` maps every sample of a batch on its own, both ways.
+
+    What :func:`~autoflow.base.per_sample` declares, and what the memory-saving engine's
+    ``backward_chunk`` relies on: for every sample ``i``, ``module(x[i:i+1])`` equals row ``i``
+    of ``module(x)`` (outputs and log-det), and likewise for ``inverse``. Batch statistics
+    (batch or volume normalisation in training mode) break it. Run it in each mode the module
+    will be trained in; a module with data-dependent initialisation (ActNorm) must be
+    initialised first, as its first batch sets its parameters.
+
+    Args:
+        module: The module under test, in the mode (train/eval) to be checked.
+        inputs: A finite state with a batch dimension of at least 2.
+        context: For a conditional module, a context with one row per sample.
+        rtol: Relative tolerance; by default :func:`default_rtol` of the input dtype.
+
+    Raises:
+        AssertionError: Naming the direction, the sample and the difference.
+        AutoflowError: If ``inputs`` contain NaN or inf, or hold fewer than 2 samples.
+
+    Example:
+        >>> import torch, autoflow
+        >>> from autoflow.testing import assert_per_sample
+        >>> assert_per_sample(autoflow.InvConv1x1(4), torch.randn(3, 4, 2, 2))
+    """
+    _check_finite(inputs)
+    first = flatten_state(inputs)[0]
+    batch = first.shape[0]
+    if batch < 2:
+        raise AutoflowError(
+            f"assert_per_sample needs a batch of at least 2 samples, received {batch}"
+        )
+    tol = default_rtol(first.dtype) if rtol is None else rtol
+    name = type(module).__name__
+    with torch.no_grad():
+        outputs, _ = call_with_context(module, inputs, context)
+        for direction, function, given in (("forward", module, inputs),
+                                           ("inverse", module.inverse, outputs)):
+            whole, whole_logdet = call_with_context(function, given, context)
+            for i in range(batch):
+                row = pack_like([t[i:i + 1] for t in flatten_state(given)], given)
+                alone, alone_logdet = call_with_context(
+                    function, row, None if context is None else context[i:i + 1])
+                parts = [(alone, pack_like([t[i:i + 1] for t in flatten_state(whole)], whole),
+                          "output")]
+                if whole_logdet is not None:
+                    parts.append((alone_logdet, whole_logdet[i:i + 1], "log-det"))
+                for found, expected, what in parts:
+                    error = relative_error(found, expected)
+                    if not error <= tol:
+                        raise AssertionError(
+                            f"{name} is not per-sample: its {direction} {what} of sample {i} "
+                            f"alone differs from row {i} of the batch's by {error:.3e} "
+                            f"(relative), tolerance {tol:.1e}; does it use batch statistics?"
+                        )
 
 
 def assert_logdet_matches_jacobian(
