@@ -954,9 +954,19 @@ def _local_backward(leaves: list[Tensor], output: State, logdets: list[Tensor | 
                 outputs.append(logdet)
                 out_grads.append(grad_logdet.to(logdet.dtype))
     wanted = [leaf for leaf in leaves if leaf.requires_grad] + externals
-    with outer_hooks_only(externals):
-        found = torch.autograd.grad(outputs, wanted, out_grads, allow_unused=True) if (
-            outputs) else [None] * len(wanted)
+    try:
+        with outer_hooks_only(externals):
+            found = torch.autograd.grad(outputs, wanted, out_grads, allow_unused=True) if (
+                outputs) else [None] * len(wanted)
+    except RuntimeError as error:
+        if "use_reentrant=True" not in str(error):
+            raise
+        raise EngineError(
+            "memory-saving engine: a module of the chain runs torch.utils.checkpoint with "
+            "use_reentrant=True, which cannot run inside the engine's local backward (an "
+            "autograd.grad call, whatever the caller used); pass use_reentrant=False (what "
+            "PyTorch recommends; it works under the engine) or run with memory_saving=False"
+        ) from error
     found = list(found)
     leaf_grads = []
     for leaf in leaves:

@@ -455,3 +455,38 @@ def test_a_reconstruction_that_writes_parameters_is_refused():
     with pytest.raises(autoflow.EngineError, match="changed its parameters \\['log_scale'\\]"):
         _inverse_gradients([_InitialisingScale(4), _InitialisingScale(4)], y,
                            memory_saving=True)
+
+
+class _CheckpointedConditioner(nn.Module):
+    """A conditioner that recomputes its activations itself (torch.utils.checkpoint)."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.Tanh(),
+                                 nn.Conv2d(8, 4, 3, padding=1))
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.net, x, use_reentrant=self.reentrant)
+
+
+def test_checkpointed_conditioners_work_or_are_refused_by_name():
+    def gradients(memory_saving: bool, reentrant: bool) -> list:
+        torch.manual_seed(0)
+        chain = Sequential(
+            autoflow.AffineCoupling(4, conditioner=_CheckpointedConditioner(reentrant)),
+            autoflow.Permute(4),
+            autoflow.AffineCoupling(4, conditioner=_CheckpointedConditioner(reentrant)),
+            memory_saving=memory_saving).double()
+        x = torch.randn(3, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        x.requires_grad_()
+        y, logdet = chain(x)
+        (y.square().sum() - logdet.sum()).backward()
+        return [x.grad, *(p.grad for p in chain.parameters())]
+
+    for a, b in zip(gradients(True, False), gradients(False, False), strict=True):
+        assert relative_error(a, b) < 1e-12
+    with pytest.raises(EngineError, match="use_reentrant=True"):
+        gradients(True, True)
