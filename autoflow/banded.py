@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -52,6 +51,7 @@ from .base import (
     set_modes,
     tensor_slots,
     undo_put_back,
+    warn_caller,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -108,9 +108,9 @@ def map_in_bands(coupling: Coupling, features: Tensor, target: Tensor, *, invers
         reason = None if known is not None else plain_autograd_reason(lambda: itertools.chain(
             (features, target), coupling.parameters(), coupling.buffers()))
         if reason is not None:
-            warnings.warn(f"row bands: {reason}, and a backward pass that rebuilds the bands "
-                          "cannot serve it; the bands keep their graphs (right derivatives, "
-                          "no memory saved)", stacklevel=4)
+            warn_caller(f"row bands: {reason}, and a backward pass that rebuilds the bands "
+                        "cannot serve it; the bands keep their graphs (right derivatives, no "
+                        "memory saved)")
             return _map(coupling, features, target, inverse=inverse, update=update)
         parameters = [p for p in coupling.parameters() if p.requires_grad]
         if features.requires_grad or target.requires_grad or parameters:

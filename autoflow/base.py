@@ -7,6 +7,7 @@ import inspect
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -338,6 +339,20 @@ def autocast_as(states: AutocastState) -> Iterator[None]:
                 torch.autocast(kind, dtype=dtype, enabled=enabled, cache_enabled=cache)
             )
         yield
+
+
+def warn_caller(message: str) -> None:
+    """``warnings.warn`` pointing at the first frame outside autoflow and torch: the user's
+    line that called the model, however deep in modules the warning arose."""
+    import sys
+    import warnings
+
+    package = str(Path(__file__).resolve().parent)
+    torch_root = str(Path(torch.__file__).resolve().parent)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith((package, torch_root)):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level + 1)
 
 
 def plain_autograd_reason(tensors: Callable[[], Iterator[Tensor]]) -> str | None:

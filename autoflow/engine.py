@@ -66,7 +66,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -103,6 +102,7 @@ from .base import (
     sum_logdets,
     tensor_slots,
     undo_put_back,
+    warn_caller,
 )
 from .errors import EngineError
 
@@ -206,9 +206,9 @@ def run_memory_saving(
         inputs, [] if context is None else [context],
         *(itertools.chain(block.parameters(), block.buffers()) for _, block in blocks)))
     if reason is not None:
-        warnings.warn(f"memory-saving engine: {reason}, and a backward pass that rebuilds "
-                      "activations cannot serve it; the chain runs with plain autograd "
-                      "(right derivatives, activations stored)", stacklevel=3)
+        warn_caller(f"memory-saving engine: {reason}, and a backward pass that rebuilds "
+                    "activations cannot serve it; the chain runs with plain autograd (right "
+                    "derivatives, activations stored)")
         return run_plain(blocks, x, inverse=inverse, debug=options.debug, context=context)
     plan = _Plan(blocks, x, options, inverse, context)
     outputs, logdet = plan.run_forward(x)

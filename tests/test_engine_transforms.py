@@ -164,3 +164,13 @@ def test_torch_compile_keeps_the_engine():
         compiled(x).backward()
     assert not any(FALLBACK in str(w.message) for w in caught)
     torch.testing.assert_close(x.grad, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_the_fallback_warning_points_at_the_callers_line():
+    chain, x = _glow(True), _images()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grad(lambda s: _loss(chain, s))(x)
+    found = [w for w in caught if FALLBACK in str(w.message)]
+    # _loss, in this file, calls the chain: not autoflow's or torch's frames below it.
+    assert found and all(w.filename == __file__ for w in found), [w.filename for w in found]
