@@ -452,6 +452,9 @@ class _Plan:
         # Per module, whether its tree is self-contained and of PER_SAMPLE classes only.
         self.per_sample: list[bool] = []
         self.training: list[list[bool]] = []
+        # Per module, the buffers its forward pass updated and their values before it (not
+        # for a module that wrote its parameters too: a data-dependent initialisation).
+        self.rewind: list[list[tuple[Tensor, Tensor]]] = []
         self.slots: list[TensorSlots] = []
         # Per module, the parameter tensors of its tree in the forward pass (those it has again
         # during its reconstruction, see _AsInForward), to check none is written.
@@ -506,6 +509,8 @@ class _Plan:
                                         if t is not None])
                 buffers = [b for m in modules for b in m._buffers.values() if b is not None]
                 before = [b._version for b in buffers]
+                values = [b.clone() for b in buffers]
+                parameter_versions = [t._version for t in self.parameters[-1]]
                 found = None if global_hooks else _own_grad_tensors(modules)
                 self.per_sample.append(found is not None
                                        and all(type(m) in PER_SAMPLE for m in modules))
@@ -535,7 +540,14 @@ class _Plan:
                     ids.append(k)
                 self.block_externals.append(ids)
                 # A buffer the forward pass updated is state (running statistics, an init
-                # flag), not an input of the map; any other buffer must stay as it was.
+                # flag), not an input of the map; any other buffer must stay as it was. The
+                # reconstruction starts from its value before the update, so that an update
+                # the output depends on (spectral norm's power iteration) is made again alike.
+                wrote = any(t._version != v
+                            for t, v in zip(self.parameters[-1], parameter_versions))
+                self.rewind.append([] if wrote else [
+                    (b, value) for b, value, v in zip(buffers, values, before)
+                    if b._version != v])
                 watched = [(t, _user_version(t)) for t in found]
                 watched += [(b, _user_version(b)) for b, v in zip(buffers, before)
                             if b._version == v]
@@ -616,6 +628,9 @@ class _AsInForward:
     * the parameter and buffer tensors the forward pass used are put back if they were
       replaced: ``torch.func.functional_call`` swaps tensors in only for the forward call, and
       a user may assign a new parameter before backward;
+    * every buffer the forward pass updated starts from its value before that update
+      (``rewind``), so that the reconstruction updates it as the forward pass did and computes
+      with what the forward pass computed with (spectral norm's power iteration);
     * every buffer the reconstruction writes (running statistics) is restored on exit, so the
       reconstruction leaves no trace. Buffers are restored only after the local backward:
       autograd checks that tensors it saved (batch-norm running statistics) were not modified
@@ -626,8 +641,9 @@ class _AsInForward:
     """
 
     def __init__(self, name: str, block: nn.Module, flags: list[bool],
-                 slots: TensorSlots) -> None:
+                 slots: TensorSlots, rewind: list[tuple[Tensor, Tensor]]) -> None:
         self.name, self.block, self.flags, self.slots = name, block, flags, slots
+        self.rewind = rewind
 
     def __enter__(self) -> None:
         modules = list(self.block.modules())
@@ -643,6 +659,8 @@ class _AsInForward:
         self.replaced = put_back(self.slots)
         self.buffers = [(m._buffers, name, buf, buf._version, buf.clone()) for m in modules
                         for name, buf in m._buffers.items() if buf is not None]
+        for buf, value in self.rewind:
+            buf.data.copy_(value)  # through .data: no version change for autograd to see
 
     def __exit__(self, *exc_info: object) -> None:
         for table, name, buf, version, value in self.buffers:
@@ -811,7 +829,8 @@ def _backward_run(plan: _Plan, first: int, last: int, state: State, grad_state: 
         folded = []
         for i in range(last, first, -1):
             name, block = plan.blocks[i]
-            stack.enter_context(_AsInForward(name, block, plan.training[i], plan.slots[i]))
+            stack.enter_context(_AsInForward(name, block, plan.training[i], plan.slots[i],
+                                             plan.rewind[i]))
             versions = [p._version for p in plan.parameters[i]]
             with torch.no_grad(), _autocast_or_not(autocast):
                 state, _ = call_with_context(block.forward if plan.inverse else block.inverse,
@@ -819,7 +838,8 @@ def _backward_run(plan: _Plan, first: int, last: int, state: State, grad_state: 
             _check_reconstruction(plan, i, name, state, None)
             folded.append((i, versions))
         name, block = plan.blocks[first]
-        stack.enter_context(_AsInForward(name, block, plan.training[first], plan.slots[first]))
+        stack.enter_context(_AsInForward(name, block, plan.training[first], plan.slots[first],
+                                         plan.rewind[first]))
         versions = [p._version for p in plan.parameters[first]]
         rec = _rebuild(plan, first, state, kept, autocast)
         _check_parameters_kept(name, block, plan.parameters[first], versions)
