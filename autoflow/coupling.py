@@ -366,6 +366,12 @@ class Coupling(InvertibleModule):
                     f"only, received one holding {', '.join(norms)}, whose statistics span "
                     "all rows (and a band's would differ from the whole image's)"
                 )
+            if any(_spectral_norm(m) for m in self.conditioner.modules()):
+                raise AutoflowError(
+                    f"{name} band_rows needs a conditioner that computes every band with the "
+                    "same weights, received one with spectral norm, whose power iteration "
+                    "updates its vectors (and so the weight) at every call: at every band"
+                )
         self._band_rows = rows
 
     def _in_bands(self, features: Tensor, target: Tensor) -> bool:
@@ -619,6 +625,15 @@ class Coupling(InvertibleModule):
         leaf = other.detach().requires_grad_()
         output, logdet = forth(leaf, *params)
         return Reconstruction([*kept, leaf], self._merge(kept, output), logdet, input_from_leaves)
+
+
+def _spectral_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is spectral-normalised, by either of torch's two ways."""
+    from torch.nn.utils import parametrizations
+    from torch.nn.utils.spectral_norm import SpectralNorm
+
+    return isinstance(module, parametrizations._SpectralNorm) or any(
+        isinstance(hook, SpectralNorm) for hook in module._forward_pre_hooks.values())
 
 
 class _ChannelCoupling(Coupling):

@@ -138,6 +138,11 @@ def test_band_rows_rejects_what_cannot_be_banded():
             nn.Conv2d(2, 6, 3, padding=1), norm, nn.Conv2d(6, 4, 3, padding=1)))
         with pytest.raises(AutoflowError, match=f"holding {type(norm).__name__}, whose"):
             normed.band_rows = 8
+    for spectral in (nn.utils.parametrizations.spectral_norm, nn.utils.spectral_norm):
+        normed = autoflow.AffineCoupling(4, conditioner=_DropoutConditioner(
+            spectral(nn.Conv2d(2, 6, 3, padding=1)), nn.Conv2d(6, 4, 3, padding=1)))
+        with pytest.raises(AutoflowError, match="spectral norm, whose power iteration"):
+            normed.band_rows = 8
     masked = autoflow.MaskedCoupling(3, autoflow.checkerboard_mask((3, 4, 4)),
                                      transform=autoflow.SplineTransform())
     with pytest.raises(AutoflowError, match="cannot be evaluated in bands"):
