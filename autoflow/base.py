@@ -232,15 +232,18 @@ class _RandomnessSwitch(threading.local):
 
 RANDOMNESS = _RandomnessSwitch()
 
+# torch's stateless layers: self-contained and per-sample (the starting point of both sets).
+_PLAIN_TORCH_LAYERS = (
+    nn.Sequential, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Identity, nn.Dropout,
+    nn.LeakyReLU, nn.ReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
+)
+
 #: Module classes whose own code (``forward``, ``inverse``, the reconstruction hooks) reads no
 #: tensor requiring grad other than its arguments and the parameters and buffers registered in
 #: the module and its submodules. The memory-saving engine then takes those as the tensors a
 #: module's gradient flows to instead of watching every operation of its forward pass. Exact
 #: classes only: a subclass may change that code, so it is not covered until it is added itself.
-SELF_CONTAINED: set[type[nn.Module]] = {
-    nn.Sequential, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Identity, nn.Dropout,
-    nn.LeakyReLU, nn.ReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
-}
+SELF_CONTAINED: set[type[nn.Module]] = set(_PLAIN_TORCH_LAYERS)
 
 
 def self_contained(cls: type[nn.Module]) -> type[nn.Module]:
@@ -259,10 +262,7 @@ def self_contained(cls: type[nn.Module]) -> type[nn.Module]:
 #: memory-saving engine may then rebuild and differentiate a batch in slices
 #: (``EngineOptions.backward_chunk``). Not batch or volume normalisation, which average over
 #: the batch in training. Exact classes only, as for :data:`SELF_CONTAINED`.
-PER_SAMPLE: set[type[nn.Module]] = {
-    nn.Sequential, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Identity, nn.Dropout,
-    nn.LeakyReLU, nn.ReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
-}
+PER_SAMPLE: set[type[nn.Module]] = set(_PLAIN_TORCH_LAYERS)
 
 
 def per_sample(cls: type[nn.Module]) -> type[nn.Module]:

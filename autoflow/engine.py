@@ -512,7 +512,9 @@ class _Plan:
                 values = [b.clone() for b in buffers]
                 parameter_versions = [t._version for t in self.parameters[-1]]
                 found = None if global_hooks else _own_grad_tensors(modules)
-                self.per_sample.append(found is not None
+                # Only a run to be sliced needs to know (EngineOptions.backward_chunk).
+                self.per_sample.append(self.options.backward_chunk is not None
+                                       and found is not None
                                        and all(type(m) in PER_SAMPLE for m in modules))
                 if found is None:
                     recorder = _GradTensorRecorder()
