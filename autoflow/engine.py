@@ -367,6 +367,10 @@ class _HookWatch:
       return something other than what they were given;
     * a backward hook on the chain's module itself would never fire: refused before the call.
 
+    * a hook that puts a tensor hook (or ``retain_grad``) on the module's input or output fails
+      in torch, as nothing between the chain's modules requires grad in the engine's forward
+      pass: the failure is given back as an :class:`~autoflow.EngineError` saying why.
+
     Hooks that only observe (return ``None``) run as usual; hooks on other submodules
     (conditioners) run again when the map is rebuilt, with the right values.
     """
@@ -406,7 +410,21 @@ class _HookWatch:
 
     def _watched(self, hook: Callable, *, pre: bool) -> Callable:
         def watched(module: nn.Module, *args: object, **kwargs: object) -> object:
-            result = hook(module, *args, **kwargs)
+            try:
+                result = hook(module, *args, **kwargs)
+            except RuntimeError as error:
+                if "require" not in str(error) or "grad" not in str(error):
+                    raise
+                # torch's "cannot register a hook on a tensor that doesn't require gradient"
+                # (or retain_grad's): a gradient hook on a member's input or output.
+                raise EngineError(
+                    f"memory-saving engine: module '{self.name}' ({type(self.block).__name__})"
+                    f": a forward hook or pre-hook of {type(module).__name__} failed ({error}). "
+                    "The engine's forward pass runs without a graph, so the states between "
+                    "the chain's modules do not require grad and their gradients are never "
+                    "formed as tensors: a tensor hook or retain_grad cannot be put on them. "
+                    "Put it on the chain's input or output, or run with memory_saving=False"
+                ) from error
             # A pre-hook is given (args,) or (args, kwargs) and may return a replacement of
             # the same form; a forward hook is given (args[, kwargs], output) and may return
             # a replacement output.

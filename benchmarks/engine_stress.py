@@ -43,7 +43,10 @@ about all of them, and conditioning multiplies the combinations. Three families:
 
 Half of the cases of every family set ``backward_chunk`` to 1, 2 or 3 samples, so the engine
 rebuilds their runs of per-sample modules in slices of the batch (drawn from a generator of
-their own: the rest of each case is the same with or without).
+their own: the rest of each case is the same with or without). A third get module hooks the
+same way (``maybe_hooks``): hooks on the chain's members that only look, and hooks on coupling
+conditioners that scale their input, output or gradients, which the engine must apply again
+when it reruns a conditioner with a graph.
 
 Every coupling conditioner (split priors included) and every ActNorm gets ``0.1 * N(0, 1)``
 added to its weights (``--perturbation``), so that zero-initialised conditioners do not make
@@ -220,6 +223,67 @@ def maybe_slices(model: Sequential, family: str, seed: int, index: int, tags: li
     if draw.random() < 0.5:
         model.engine_options.backward_chunk = draw.choice([1, 2, 3])
         tags.append(f"slices of {model.engine_options.backward_chunk}")
+
+
+def maybe_hooks(model: nn.Module, family: str, seed: int, index: int, tags: list[str]) -> None:
+    """A third of the cases get module hooks, drawn from a generator of their own (the rest of
+    each case is what it was without them); ``tags`` names each kind added.
+
+    * On the chain's members, hooks the engine must let through: a forward hook and a forward
+      pre-hook that only look (return ``None``), and a ``with_kwargs`` pre-hook that hands its
+      arguments back unchanged. (Hooks that replace a member's input or output are refused by
+      the engine, which ``tests/test_engine_hooks.py`` checks.)
+    * On coupling conditioners, which the engine runs again with a graph, hooks that change
+      the computation and must act alike in both runs: a forward hook scaling the output, a
+      pre-hook scaling the input, a full backward hook scaling the input's gradient, and a
+      forward hook registering a tensor hook that scales the output's gradient (only where the
+      output requires grad, as user code must: the engine's forward pass runs without a graph).
+
+    Module hooks are deep-copied with their module (the kit copies the model), tensor hooks are
+    not, hence tensor hooks registered inside a module hook.
+    """
+    draw = random.Random(f"hooks:{family}:{seed}:{index}")
+    if draw.random() >= 1 / 3:
+        return
+    members = list(model.children()) if isinstance(model, Sequential) else []
+    conditioners = [m.conditioner for m in model.modules() if isinstance(m, autoflow.Coupling)]
+    added: set[str] = set()
+
+    def look(module: nn.Module, *args: object) -> None:
+        assert all(isinstance(a, (tuple, dict, Tensor)) for a in args)
+
+    def unchanged(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return args, kwargs
+
+    for member in members:
+        kind = draw.choice(["look", "look before", "kwargs before", None])
+        if kind == "look":
+            member.register_forward_hook(look)
+        elif kind == "look before":
+            member.register_forward_pre_hook(look)
+        elif kind == "kwargs before":
+            member.register_forward_pre_hook(unchanged, with_kwargs=True)
+        if kind is not None:
+            added.add("member hook")
+    for net in conditioners:
+        kind = draw.choice(["scale output", "scale input", "scale input gradient",
+                            "scale output gradient", None])
+        factor = draw.uniform(0.5, 1.5)
+        if kind == "scale output":
+            net.register_forward_hook(lambda m, i, out, c=factor: out * c)
+        elif kind == "scale input":
+            net.register_forward_pre_hook(lambda m, i, c=factor: tuple(t * c for t in i))
+        elif kind == "scale input gradient":
+            net.register_full_backward_hook(
+                lambda m, gi, go, c=factor: tuple(None if g is None else g * c for g in gi))
+        elif kind == "scale output gradient":
+            def on_output(m: nn.Module, i: tuple, out: Tensor, c: float = factor) -> None:
+                if out.requires_grad:
+                    out.register_hook(lambda g: g * c)
+            net.register_forward_hook(on_output)
+        if kind is not None:
+            added.add(f"conditioner: {kind}")
+    tags += sorted(added)
 
 
 # The kit's checker and the numbers it returns --------------------------------------------------
@@ -450,6 +514,7 @@ def glow_case(index: int, settings: Settings) -> Case:
     flow, shape, tags = random_glow(rng, k, vector=vector)
     perturb(flow, torch_seed, settings.perturbation)
     maybe_slices(flow, "glow", settings.seed, index, tags)
+    maybe_hooks(flow, "glow", settings.seed, index, tags)
     batch = rng.randint(2, 4)
     spatial = not vector and rng.random() < 0.5
     tags.append("spatial context" if spatial else "vector context")
@@ -478,6 +543,7 @@ def chain_case(index: int, settings: Settings) -> Case:
     chain, shape, tags = random_chain(rng, k, vector=vector)
     perturb(chain, torch_seed, settings.perturbation)
     maybe_slices(chain, "chain", settings.seed, index, tags)
+    maybe_hooks(chain, "chain", settings.seed, index, tags)
     spatial = k > 0 and not vector and rng.random() < 0.5
     tags.append("no context" if k == 0 else "spatial context" if spatial else "vector context")
     batch = rng.randint(2, 4)
@@ -629,6 +695,7 @@ def flow_case(index: int, settings: Settings) -> Case:
     flow = autoflow.Flow(transform, shape, context_encoder=encoder.double()).double()
     perturb(flow, torch_seed, settings.perturbation)
     maybe_slices(transform, "flow", settings.seed, index, tags)
+    maybe_hooks(transform, "flow", settings.seed, index, tags)
     tags.append(encoder_text.split("(")[0])
     set_mode(rng, flow, tensor_of((4, *shape), F64, torch_seed + 1), draw(4, torch_seed + 2),
              tags)

@@ -133,3 +133,21 @@ def test_a_module_backward_hook_on_a_chain_member_is_refused():
     _couplings(chain)[0].register_full_backward_hook(lambda m, gi, go: None)
     with pytest.raises(EngineError, match="backward hook"):
         chain(_images().requires_grad_(), context=torch.zeros(3, CONTEXT, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["register_hook", "retain_grad"])
+def test_a_gradient_hook_on_a_members_output_gets_an_engine_error(kind):
+    """Torch refuses a tensor hook on a tensor without grad; under the engine the states between
+    modules have none, and the error says why instead of leaving torch's bare message."""
+    chain = _chain(True)
+
+    def hook(module, args, out):
+        if kind == "register_hook":
+            out[0].register_hook(lambda g: g)
+        else:
+            out[0].retain_grad()
+
+    _couplings(chain)[0].register_forward_hook(hook)
+    with pytest.raises(EngineError, match="do not require grad") as caught:
+        chain(_images().requires_grad_(), context=torch.zeros(3, CONTEXT, dtype=torch.float64))
+    assert "memory_saving=False" in str(caught.value)
