@@ -53,8 +53,10 @@ def run_job(category: str, training_seed: int, models: str, threads: int) -> dic
     from examples.pyramidflow.photos import PhotoDefects
 
     torch.set_num_threads(threads)
+    # Raw maps (as when the weight was chosen): only they mix linearly between the weights.
     config = PyramidFlowConfig(image_size=128, epochs=10, batch_size=2, holdout=0.0,
-                               seed=training_seed, **group_settings(category))
+                               seed=training_seed, map_normalization="none",
+                               **group_settings(category))
     train_set = PhotoDefects(category, "train", 32, image_size=128, seed=0)
     test_set = PhotoDefects(category, "test", 32, image_size=128, seed=0)
     path = Path(models) / f"{category}_seed{training_seed}.pt"
@@ -78,7 +80,7 @@ def run_job(category: str, training_seed: int, models: str, threads: int) -> dic
     for weight, statistics in ((0.0, latents_only), (1.0, both)):
         model.config = dataclasses.replace(config, input_weight=weight)
         model.set_template(statistics)
-        ends[weight], masks, labels = collect_maps(model, test_set, batch_size=2)
+        ends[weight], masks, labels, _ = collect_maps(model, test_set, batch_size=2)
     scores = {}
     for weight in WEIGHTS:
         maps = (1 - weight) * ends[0.0] + weight * ends[1.0]

@@ -60,7 +60,7 @@ SCORINGS: dict[str, dict[str, Any]] = {
     "input_r1": {"score": "local_nearest", "search_radius": 1, "input_weight": 1.0},
 }
 SCORE_FIELDS = ("score", "search_radius", "bank_images", "smoothing", "test_time_flips",
-                "input_weight")
+                "input_weight", "map_normalization")
 ABLATION_SCORINGS = ("eq10", "standardized", "local_nearest_r1")
 # One switch at a time, flipped from the public code's choice to this project's former one.
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -127,17 +127,20 @@ def run_job(category: str, base: str, changes: dict[str, Any], epochs: int, thre
     model, losses = result.model, result.losses
     trained = time.perf_counter() - started
     plain = {"smoothing": 0.0, "test_time_flips": False, "search_radius": 1,
-             "input_weight": 0.0}
+             "input_weight": 0.0, "map_normalization": "none"}
     own = {name: getattr(config, name) for name in SCORE_FIELDS}
     # The default row scores as the defaults with the group's recipe would.
     defaults = {name: getattr(PyramidFlowConfig(**group_settings(category)), name)
                 for name in SCORE_FIELDS}
     explored = SCORINGS if explore else {k: SCORINGS[k] for k in ABLATION_SCORINGS}
-    scorings = {"own": own, "default": defaults} | {
+    # The default score with eq. 10's raw maps: what config.map_normalization adds.
+    raw = defaults | {"map_normalization": "none"}
+    scorings = {"own": own, "default": defaults, "default_raw_maps": raw} | {
         name: plain | scoring for name, scoring in explored.items()}
     if category in PHOTO_OBJECTS:  # objects have an orientation: flipping them is no test
         scorings = {k: v for k, v in scorings.items()
-                    if k in ("own", "default") or not v["test_time_flips"]}
+                    if k in ("own", "default", "default_raw_maps")
+                    or not v["test_time_flips"]}
     # The template and spread do not depend on the score; the bank of training latents does,
     # and with input_weight > 0 they cover the input pyramid too, whatever the weight.
     def fitted_kind(scoring: dict[str, Any]) -> tuple[str, bool]:
@@ -241,10 +244,12 @@ def main_table(args: argparse.Namespace) -> None:
         lines.append(f"| **mean** | {name} | " + " | ".join(cell(means[r]) for r in rows)
                      + " |")
     lines += ["", "## Every scoring of the same models (AUPRO@0.3)", "",
-              "Every way of `SCORINGS` applied to each class's untrained model and trained "
-              "reference model (`eq10` is the public code's `|z - z̄|`); `flips` only for "
-              "textures. Scorings change no weight.", ""]
-    names = list(SCORINGS)
+              "The default scoring, the same with eq. 10's raw maps (`default_raw_maps`: "
+              "`map_normalization=\"none\"`) and every way of `SCORINGS` (all on raw maps), "
+              "applied to each class's untrained model and trained reference model (`eq10` "
+              "is the public code's `|z - z̄|`); `flips` only for textures. Scorings change no "
+              "weight.", ""]
+    names = ["default", "default_raw_maps", *SCORINGS]
     lines += ["| class | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for job in sorted(done, key=lambda j: (j["epochs"] > 0, j["category"])):
         if job["base"] == "paper-code" or job["epochs"] == 0:

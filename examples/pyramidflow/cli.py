@@ -757,11 +757,11 @@ def _report(detector: Detector, test_set: AnomalyImageDataset | SyntheticDefects
     """Metrics of a test set, plus heatmap panels of its first images (defective first)."""
     if detector.model is None:
         raise RuntimeError("cannot evaluate a detector that is not fitted")
-    maps, masks, labels = collect_maps(detector.model, test_set,
-                                       batch_size=detector.config.batch_size,
-                                       num_workers=workers)
+    maps, masks, labels, scores = collect_maps(detector.model, test_set,
+                                               batch_size=detector.config.batch_size,
+                                               num_workers=workers)
     has_masks = getattr(test_set, "has_masks", True)
-    metrics = metrics_from_maps(maps, masks, labels, has_masks=has_masks,
+    metrics = metrics_from_maps(maps, masks, labels, image_scores=scores, has_masks=has_masks,
                                 full_range_aupro=full_range_aupro)
     template = _template(detector)
     scale = color_range(maps.numpy())

@@ -24,6 +24,7 @@ _CHOICES = {
     "template": ("mean", "zero"),
     "score": ("difference", "standardized", "nearest", "local_nearest"),
     "localization": ("difference", "compose"),
+    "map_normalization": ("none", "image_mean"),
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -44,6 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "input_weight": 0.0,
         "smoothing": 0.0,
         "test_time_flips": False,
+        "map_normalization": "none",
     },
 }
 """Named sets of settings, applied by :meth:`PyramidFlowConfig.from_preset`."""
@@ -112,6 +114,12 @@ class PyramidFlowConfig:
             as in the public code).
         test_time_flips: Average the anomaly maps of the 8 flips and 90° rotations of each
             image (meant for textures, whose appearance has no orientation).
+        map_normalization: ``"image_mean"`` divides each image's anomaly map by its own mean,
+            so a pixel scores how far it stands out of its image, and one threshold serves
+            images that differ as a whole (lighting, density of a texture); ``"none"`` keeps
+            eq. 10's values (the public code). Image scores are the maximum of the map before
+            it (:meth:`~examples.pyramidflow.PyramidFlow.localize`). Chosen on the
+            selection photographs (``benchmarks/results/real_defects_seed0.md``).
         memory_saving: Train with the memory-saving engine.
         band_rows: Evaluate every coupling whose conditioner runs at its target's resolution
             in bands of at most this many rows (:attr:`autoflow.Coupling.band_rows`): the same
@@ -158,6 +166,7 @@ class PyramidFlowConfig:
     input_weight: float = 0.5
     smoothing: float = 0.0
     test_time_flips: bool = False
+    map_normalization: str = "image_mean"
     memory_saving: bool = True
     band_rows: int | None = None
     epochs: int = 15

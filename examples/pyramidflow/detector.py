@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from .config import PyramidFlowConfig
 from .datasets import Sample
 from .evaluate import evaluate_model
-from .inference import ImageSource, anomaly_maps
+from .inference import ImageSource, predictions
 from .model import PyramidFlow
 from .train import (
     Thresholds,
@@ -43,8 +43,9 @@ class Prediction:
     """The detector's output for ``N`` images, at the model's ``image_size`` ``S``.
 
     Attributes:
-        maps: ``(N, S, S)`` float anomaly maps (eq. 10); higher is more anomalous.
-        scores: ``(N,)`` image scores, the maximum of each map.
+        maps: ``(N, S, S)`` float anomaly maps (eq. 10, each divided by its own mean with
+            ``config.map_normalization="image_mean"``); higher is more anomalous.
+        scores: ``(N,)`` image scores, the maximum of each map before that division.
         masks: ``(N, S, S)`` bool, True where a map exceeds the pixel threshold; None when
             the detector has no thresholds (``config.holdout == 0``).
         verdicts: ``(N,)`` bool, True for a defective image (score above the image
@@ -132,8 +133,7 @@ class Detector:
             RuntimeError: If the detector is not fitted.
             TypeError, ValueError: On images of the wrong type, shape or range.
         """
-        maps = anomaly_maps(self._fitted(), images, batch_size=batch_size)
-        scores = maps.flatten(1).max(dim=1).values
+        maps, scores = predictions(self._fitted(), images, batch_size=batch_size)
         if self.thresholds is None:
             return Prediction(maps, scores, None, None)
         return Prediction(maps, scores, maps > self.thresholds.pixel,

@@ -1,9 +1,10 @@
 """Metrics of a trained model on a labelled test set, and their JSON and markdown reports.
 
 Three threshold-free metrics, as in the paper's tables: pixel AUROC, image AUROC (the image
-score is the maximum of its anomaly map) and AUPRO integrated up to a false-positive rate of
-0.3, the MVTec AD definition. The full-range AUPRO (``fpr_limit=1``, what the reference code
-reports) is computed only on request and labelled as such: it is not comparable to AUPRO@0.3.
+score is the maximum of its anomaly map, before ``config.map_normalization``) and AUPRO
+integrated up to a false-positive rate of 0.3, the MVTec AD definition. The full-range AUPRO
+(``fpr_limit=1``, what the reference code reports) is computed only on request and labelled as
+such: it is not comparable to AUPRO@0.3.
 
 Maps are computed at the model's ``image_size`` and, when a dataset serves masks of another
 size, resized bilinearly to the masks; the metrics are therefore at the ground truth's
@@ -30,7 +31,7 @@ from torch.utils.data import Dataset
 
 from .datasets import Sample
 from .files import write_text_atomically
-from .inference import batch_maps, image_batches
+from .inference import batch_predictions, image_batches
 from .metrics import aupro, image_auroc, pixel_auroc
 from .model import PyramidFlow
 
@@ -56,28 +57,32 @@ METRIC_NAMES = {
 
 
 def collect_maps(model: PyramidFlow, dataset: Dataset[Sample], *, batch_size: int = 8,
-                 num_workers: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """Anomaly maps, masks and labels of every test image, maps at the masks' resolution.
+                 num_workers: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Anomaly maps, masks, labels and image scores of every test image, maps at the masks'
+    resolution.
 
     Returns:
-        ``maps (N, H, W)`` float, ``masks (N, H, W)`` bool and ``labels (N,)`` int64.
+        ``maps (N, H, W)`` float, ``masks (N, H, W)`` bool, ``labels (N,)`` int64 and
+        ``scores (N,)`` float (:meth:`~.model.PyramidFlow.localize`).
     """
-    maps, masks, labels = [], [], []
+    maps, masks, labels, scores = [], [], [], []
     for batch in image_batches(dataset, model.config.image_size, batch_size, num_workers):
         batch_masks = batch["mask"][:, 0] > 0.5
-        found = batch_maps(model, batch["image"])
+        found, found_scores = batch_predictions(model, batch["image"])
         if found.shape[-2:] != batch_masks.shape[-2:]:
             found = functional.interpolate(found[:, None], size=batch_masks.shape[-2:],
                                            mode="bilinear", align_corners=False)[:, 0]
         maps.append(found)
         masks.append(batch_masks)
         labels.append(torch.as_tensor(batch["label"]))
+        scores.append(found_scores)
     if not maps:
         raise ValueError("the test set is empty: expected at least one image")
-    return torch.cat(maps), torch.cat(masks), torch.cat(labels).long()
+    return torch.cat(maps), torch.cat(masks), torch.cat(labels).long(), torch.cat(scores)
 
 
-def metrics_from_maps(maps: Tensor, masks: Tensor, labels: Tensor, *, has_masks: bool = True,
+def metrics_from_maps(maps: Tensor, masks: Tensor, labels: Tensor, *,
+                      image_scores: Tensor | None = None, has_masks: bool = True,
                       full_range_aupro: bool = False) -> dict[str, Any]:
     """The metrics of precomputed maps (see the module docstring for what is skipped).
 
@@ -85,6 +90,7 @@ def metrics_from_maps(maps: Tensor, masks: Tensor, labels: Tensor, *, has_masks:
         maps: ``(N, H, W)`` anomaly maps.
         masks: ``(N, H, W)`` ground truth, bool or 0/1.
         labels: ``(N,)`` image labels, 1 for defective.
+        image_scores: ``(N,)`` image scores; ``None``: the maximum of each map.
         has_masks: False when the masks are placeholders (defects without ground truth).
         full_range_aupro: Also report the full-range AUPRO (``aupro_full_range``).
 
@@ -107,7 +113,9 @@ def metrics_from_maps(maps: Tensor, masks: Tensor, labels: Tensor, *, has_masks:
     }
     notes = []
     if 0 < labels.sum() < len(labels):
-        results["image_auroc"] = image_auroc(maps.flatten(1).max(dim=1).values, labels)
+        if image_scores is None:
+            image_scores = maps.flatten(1).max(dim=1).values
+        results["image_auroc"] = image_auroc(image_scores, labels)
     else:
         results["image_auroc"] = None
         notes.append("image AUROC skipped: the test set needs both normal and defective images")
@@ -144,9 +152,11 @@ def evaluate_model(model: PyramidFlow, dataset: Dataset[Sample], *,
     Returns:
         As :func:`metrics_from_maps`.
     """
-    maps, masks, labels = collect_maps(model, dataset, batch_size=model.config.batch_size,
-                                       num_workers=num_workers)
-    return metrics_from_maps(maps, masks, labels, has_masks=getattr(dataset, "has_masks", True),
+    maps, masks, labels, scores = collect_maps(model, dataset,
+                                               batch_size=model.config.batch_size,
+                                               num_workers=num_workers)
+    return metrics_from_maps(maps, masks, labels, image_scores=scores,
+                             has_masks=getattr(dataset, "has_masks", True),
                              full_range_aupro=full_range_aupro)
 
 

@@ -2,8 +2,8 @@
 
 The exported model maps a float32 batch of images ``(B, 3, S, S)`` in ``[0, 1]`` (``S`` the
 config's ``image_size``; ``B`` any batch size, or the one given at export) to
-``(maps, scores)``: the anomaly maps ``(B, S, S)`` of :meth:`Detector.predict` and the image
-scores ``(B,)``, the maximum of each map (as in :mod:`.evaluate`). The weights, the latent
+``(maps, scores)``: the anomaly maps ``(B, S, S)`` and image scores ``(B,)`` of
+:meth:`Detector.predict` (:meth:`PyramidFlow.localize`). The weights, the latent
 template, the spread and the bank of training latents are constants of the file, so it runs
 with ``onnxruntime`` or ``torch.jit.load`` alone, without this package or autoflow. It neither
 resizes nor checks its input (resize to ``S × S`` first, as the detector does with antialiased
@@ -112,7 +112,7 @@ class AnomalyMapModel(nn.Module):
                     found = self._maps(view).rot90(-turns, (-2, -1))
                     maps = maps + (found.flip(-1) if flip else found)
             maps = maps / 8
-        return maps, maps.amax(dim=(1, 2))
+        return self.model.localize(maps)
 
 
 def _checked() -> None:

@@ -25,8 +25,10 @@ __all__ = [
     "anomaly_maps",
     "as_dataset",
     "batch_maps",
+    "batch_predictions",
     "image_batches",
     "latent_statistics",
+    "predictions",
     "to_image_batch",
 ]
 
@@ -158,8 +160,9 @@ def _scored_states(model: PyramidFlow, images: Tensor) -> tuple[Tensor, ...]:
 
 
 @torch.no_grad()
-def batch_maps(model: PyramidFlow, images: Tensor) -> Tensor:
-    """Anomaly maps ``(B, S, S)`` of one batch, on the CPU, in eval mode (restored after).
+def batch_predictions(model: PyramidFlow, images: Tensor) -> tuple[Tensor, Tensor]:
+    """Anomaly maps ``(B, S, S)`` and image scores ``(B,)`` of one batch, on the CPU, in eval
+    mode (restored after); see :meth:`PyramidFlow.localize` for how the two are made.
 
     Raises:
         RuntimeError: If the model has no latent template yet.
@@ -170,27 +173,43 @@ def batch_maps(model: PyramidFlow, images: Tensor) -> Tensor:
         size = model.config.image_size
         images = to_image_batch(images, size).to(_device(model))
         if not model.config.test_time_flips:
-            return model.anomaly_map(_scored_states(model, images), (size, size)).float().cpu()
-        total = torch.zeros(len(images), size, size, device=images.device)
-        for turns, flip in itertools.product(range(4), (False, True)):
-            def view(x: Tensor, turns: int = turns, flip: bool = flip) -> Tensor:
-                x = x.flip(-1) if flip else x
-                return x.rot90(turns, (-2, -1))
-            maps = model.anomaly_map(_scored_states(model, view(images)), (size, size))
-            # Undo the view on the map: rotate back, then flip back.
-            maps = maps.rot90(-turns, (-2, -1))
-            total += maps.flip(-1) if flip else maps
-        return (total / 8).float().cpu()
+            maps = model.anomaly_map(_scored_states(model, images), (size, size))
+        else:
+            maps = torch.zeros(len(images), size, size, device=images.device)
+            for turns, flip in itertools.product(range(4), (False, True)):
+                def view(x: Tensor, turns: int = turns, flip: bool = flip) -> Tensor:
+                    x = x.flip(-1) if flip else x
+                    return x.rot90(turns, (-2, -1))
+                found = model.anomaly_map(_scored_states(model, view(images)), (size, size))
+                # Undo the view on the map: rotate back, then flip back.
+                found = found.rot90(-turns, (-2, -1))
+                maps += found.flip(-1) if flip else found
+            maps = maps / 8
+        maps, scores = model.localize(maps.float())
+        return maps.cpu(), scores.cpu()
     finally:
         model.train(was_training)
 
 
+def batch_maps(model: PyramidFlow, images: Tensor) -> Tensor:
+    """The anomaly maps of :func:`batch_predictions` alone."""
+    return batch_predictions(model, images)[0]
+
+
+def predictions(model: PyramidFlow, data: ImageSource, *, batch_size: int = 8,
+                num_workers: int = 0) -> tuple[Tensor, Tensor]:
+    """Anomaly maps ``(N, S, S)`` and image scores ``(N,)`` of every image of ``data``, in
+    order."""
+    size = model.config.image_size
+    found = [batch_predictions(model, batch["image"])
+             for batch in image_batches(data, size, batch_size, num_workers)]
+    return torch.cat([m for m, _ in found]), torch.cat([s for _, s in found])
+
+
 def anomaly_maps(model: PyramidFlow, data: ImageSource, *, batch_size: int = 8,
                  num_workers: int = 0) -> Tensor:
-    """Anomaly maps ``(N, S, S)`` of every image of ``data``, in order."""
-    size = model.config.image_size
-    return torch.cat([batch_maps(model, batch["image"])
-                      for batch in image_batches(data, size, batch_size, num_workers)])
+    """The anomaly maps of :func:`predictions` alone."""
+    return predictions(model, data, batch_size=batch_size, num_workers=num_workers)[0]
 
 
 @torch.no_grad()

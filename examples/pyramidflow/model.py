@@ -351,6 +351,25 @@ class PyramidFlow(nn.Module):
             score = gaussian_blur(score, self.config.smoothing)
         return score[:, 0]
 
+    def localize(self, maps: Tensor) -> tuple[Tensor, Tensor]:
+        """Pixel maps and image scores from anomaly maps ``(B, H, W)`` of :meth:`anomaly_map`.
+
+        The image score is each map's maximum. With ``config.map_normalization ==
+        "image_mean"`` the pixel map is then divided by its own mean, ``a / mean(a)``: how
+        far a pixel stands out of its image rather than of the training images, which puts
+        images that differ from the training set as a whole (another lighting, a denser
+        patch of texture) on one scale for one threshold. The image score stays the raw
+        maximum, which such a difference is evidence for.
+
+        Returns:
+            ``(maps (B, H, W), scores (B,))``.
+        """
+        scores = maps.amax(dim=(-2, -1))
+        if self.config.map_normalization == "image_mean":
+            mean = maps.mean(dim=(-2, -1), keepdim=True)
+            maps = maps / mean.clamp_min(torch.finfo(maps.dtype).tiny)
+        return maps, scores
+
     def _nearest_scores(self, states: tuple[Tensor, ...]) -> list[Tensor]:
         """Per-level ``(B, 1, H_d, W_d)`` maps of the ``nearest`` or ``local_nearest`` score."""
         local = self.config.score == "local_nearest"

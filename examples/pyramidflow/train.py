@@ -9,7 +9,7 @@ After training, in eval mode:
   spread their per-level, per-channel standard deviation around it;
 * a ``config.holdout`` fraction of the normal training images (at least one image), drawn by
   the seed and never trained on, sets the decision thresholds: the image threshold is the
-  ``config.image_quantile`` quantile of their image scores (the maximum of each anomaly map),
+  ``config.image_quantile`` quantile of their image scores (the maximum of each raw anomaly map),
   the pixel threshold the ``config.pixel_quantile`` quantile of all their pixel scores.
 
 Training never writes a non-finite checkpoint: the loss is checked before each optimizer step
@@ -64,9 +64,9 @@ from .distributed import Distributed, GlobalBatchSampler, gather_batch, together
 from .files import write_atomically
 from .inference import (
     ImageSource,
-    anomaly_maps,
     as_dataset,
     latent_statistics,
+    predictions,
     to_image_batch,
 )
 from .model import PyramidFlow
@@ -514,9 +514,9 @@ def calibrate(model: PyramidFlow, holdout: ImageSource, *, num_workers: int = 0)
         ``config.pixel_quantile`` quantile of all pixel scores.
     """
     config = model.config
-    maps = anomaly_maps(model, holdout, batch_size=config.batch_size,
-                        num_workers=num_workers).double().numpy()
-    image_scores = maps.reshape(len(maps), -1).max(axis=1)
+    maps, scores = predictions(model, holdout, batch_size=config.batch_size,
+                               num_workers=num_workers)
+    maps, image_scores = maps.double().numpy(), scores.double().numpy()
     return Thresholds(image=float(np.quantile(image_scores, config.image_quantile)),
                       pixel=float(np.quantile(maps, config.pixel_quantile)))
 

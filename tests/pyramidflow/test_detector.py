@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -45,7 +46,15 @@ def test_checkpoint_holds_only_tensors_and_plain_values(tmp_path, detector):
 def test_prediction_follows_the_thresholds(detector, test_images):
     prediction = detector.predict(test_images)
     assert prediction.maps.shape == (6, 16, 16) and prediction.scores.shape == (6,)
-    assert torch.equal(prediction.scores, prediction.maps.flatten(1).max(1).values)
+    # Image scores are the maxima of the raw maps (before config.map_normalization).
+    config = detector.model.config
+    detector.model.config = dataclasses.replace(config, map_normalization="none")
+    try:
+        raw = detector.predict(test_images).maps
+    finally:
+        detector.model.config = config
+    assert config.map_normalization == "image_mean" and not torch.equal(raw, prediction.maps)
+    assert torch.equal(prediction.scores, raw.flatten(1).max(1).values)
     assert torch.equal(prediction.masks, prediction.maps > detector.thresholds.pixel)
     assert torch.equal(prediction.verdicts, prediction.scores > detector.thresholds.image)
 

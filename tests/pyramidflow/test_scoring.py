@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from examples.pyramidflow import PyramidFlow, PyramidFlowConfig
-from examples.pyramidflow.inference import batch_maps, latent_statistics
+from examples.pyramidflow.inference import batch_maps, batch_predictions, latent_statistics
 from examples.pyramidflow.model import (
     _local_nearest_distance,
     _nearest_distance,
@@ -19,8 +19,10 @@ SMALL = {"channels": 4, "levels": 3, "depth": 1, "kernel_size": 3, "image_size":
 
 
 def _fitted(**overrides) -> PyramidFlow:
+    """A small model with a template; raw maps (eq. 10) unless ``overrides`` say otherwise."""
     torch.manual_seed(0)
-    model = PyramidFlow(PyramidFlowConfig(**SMALL, **overrides)).eval()
+    settings = {"map_normalization": "none"} | overrides
+    model = PyramidFlow(PyramidFlowConfig(**SMALL, **settings)).eval()
     for parameter in model.parameters():
         if parameter.dim() == 4:  # conditioner kernels: leave the identity initialisation
             torch.nn.init.normal_(parameter, std=0.1)
@@ -48,6 +50,20 @@ def test_smoothing_is_a_gaussian_blur_of_the_plain_map():
     model.config.smoothing = 1.5
     assert torch.allclose(batch_maps(model, images), gaussian_blur(plain[:, None], 1.5)[:, 0],
                           atol=1e-6)
+
+
+def test_image_mean_normalization_divides_each_map_by_its_mean_and_scores_the_raw_maximum():
+    images = torch.rand(3, 3, 16, 16)
+    model = _fitted()
+    raw = batch_maps(model, images)
+    model.config.map_normalization = "image_mean"
+    maps, scores = batch_predictions(model, images)
+    assert torch.allclose(maps, raw / raw.mean(dim=(1, 2), keepdim=True), rtol=1e-6)
+    assert torch.allclose(maps.mean(dim=(1, 2)), torch.ones(3), rtol=1e-5)
+    assert torch.equal(scores, raw.amax(dim=(1, 2)))
+    # A map that is zero everywhere (an image equal to the template) stays finite.
+    flat, _ = model.localize(torch.zeros(1, 4, 4))
+    assert torch.equal(flat, torch.zeros(1, 4, 4))
 
 
 def test_gaussian_blur_keeps_mass_and_spreads_a_point():

@@ -12,7 +12,7 @@ import torch
 import autoflow
 from examples.pyramidflow import PyramidFlow, PyramidFlowConfig, train
 from examples.pyramidflow.cli import build_parser
-from examples.pyramidflow.inference import anomaly_maps
+from examples.pyramidflow.inference import predictions
 from examples.pyramidflow.train import augment, load_checkpoint, split_holdout
 
 __all__: list[str] = []
@@ -124,8 +124,8 @@ def test_thresholds_come_from_held_out_images_never_trained_on(monkeypatch, tiny
         assert not (seen == normal_images[index]).flatten(1).all(1).any()
 
     monkeypatch.setattr(PyramidFlow, "forward", forward)
-    maps = anomaly_maps(result.model, normal_images[result.holdout_indices]).double().numpy()
-    image_scores = maps.reshape(len(maps), -1).max(1)
+    maps, scores = predictions(result.model, normal_images[result.holdout_indices])
+    maps, image_scores = maps.double().numpy(), scores.double().numpy()
     assert result.thresholds.image == pytest.approx(np.quantile(image_scores, 0.99))
     assert result.thresholds.pixel == pytest.approx(np.quantile(maps, 0.999))
 
