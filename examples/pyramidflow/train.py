@@ -605,6 +605,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     values.setdefault("input_weight", 0.0)
     # Those written before bank_images existed banked 32 images.
     values.setdefault("bank_images", 32)
+    # And those written before map_normalization existed set thresholds on raw maps.
+    values.setdefault("map_normalization", "none")
     state["config"] = PyramidFlowConfig.from_dict(values)
     if state["thresholds"] is not None:
         state["thresholds"] = Thresholds(**state["thresholds"])

@@ -153,13 +153,15 @@ def test_augmentation_only_flips_and_rotates():
 
 def test_a_checkpoint_from_before_input_weight_and_bank_images_loads_their_former_settings(
         tmp_path, tiny_config, normal_images):
-    # Then the latents alone were scored, against a bank of 32 images, and whole levels
-    # were evaluated at once (band_rows=None).
-    config = tiny_config(epochs=1, input_weight=0.0, bank_images=32)
+    # Then the latents alone were scored, against a bank of 32 images, on raw maps (whose
+    # values the thresholds were set on), and whole levels were evaluated at once
+    # (band_rows=None).
+    config = tiny_config(epochs=1, input_weight=0.0, bank_images=32, map_normalization="none")
     result = train(config, normal_images, checkpoint_dir=tmp_path, progress=False)
     state = torch.load(result.checkpoint, weights_only=False)
     values = json.loads(state["config"])
     del values["input_weight"], values["bank_images"], values["band_rows"]
+    del values["map_normalization"]
     state["config"] = json.dumps(values)
     torch.save(state, tmp_path / "old.pt")
     assert load_checkpoint(tmp_path / "old.pt")["config"] == config
