@@ -365,8 +365,7 @@ class _HookWatch:
       makes the applied map another one than the module's, which its inverse does not undo:
       the gradients would be wrong. Such hooks are wrapped for the call and caught when they
       return something other than what they were given;
-    * a backward hook on the chain's module itself would never fire: refused before the call.
-
+    * a backward hook on the chain's module itself would never fire: refused before the call;
     * a hook that puts a tensor hook (or ``retain_grad``) on the module's input or output fails
       in torch, as nothing between the chain's modules requires grad in the engine's forward
       pass: the failure is given back as an :class:`~autoflow.EngineError` saying why.
